@@ -1,0 +1,1 @@
+//! Virtio devices and the virtio-mmio transport.
