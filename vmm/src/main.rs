@@ -1,1 +1,132 @@
-fn main() {}
+//! The `dinv` command.
+//!
+//! `dinv boot` runs the VMM alone: boot a kernel with disks and a console, exit when the guest
+//! does (0 when it powered off cleanly, 1 on panic or fault, 2 on bad options).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dinv_vmm::{Console, DiskConfig, EntryPreference, PvmMode, Vm};
+
+#[derive(Parser, Debug)]
+#[command(name = "dinv", version, about = "Docker in a microVM: one unprivileged process, only /dev/kvm")]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace).
+    #[arg(long, env = "DINV_LOG_LEVEL", default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a kernel under the VMM (no docker): for kernels, images and tests.
+    Boot(BootArgs),
+}
+
+#[derive(Args, Debug)]
+struct BootArgs {
+    /// Kernel image (ELF vmlinux or bzImage).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Extra kernel command-line parameters.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Disk image, attached as virtio-blk in order (/dev/vda, /dev/vdb…). Append `,ro` for
+    /// read-only.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<String>,
+    /// Number of vCPUs.
+    #[arg(long, env = "DINV_CPUS", default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory (K/M/G suffixes).
+    #[arg(long, env = "DINV_MEMORY", default_value = "256M")]
+    memory: String,
+    /// Write the guest console to this file instead of stdout.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Entry point for ELF kernels.
+    #[arg(long, value_enum, default_value_t = Entry::Linux64)]
+    entry: Entry,
+    /// PVM compatibility profile.
+    #[arg(long, value_enum, default_value_t = Pvm::Auto)]
+    pvm: Pvm,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Entry {
+    Linux64,
+    Pvh,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Pvm {
+    Auto,
+    On,
+    Off,
+}
+
+fn disk(spec: &str) -> Result<DiskConfig, String> {
+    let (path, ro) = match spec.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        Some((_, opt)) => return Err(format!("--disk {spec}: unknown option '{opt}' (use ro or rw)")),
+        None => (spec, false),
+    };
+    let mut cfg = DiskConfig::new(path);
+    cfg.read_only = ro;
+    Ok(cfg)
+}
+
+fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
+    let memory = dinv_vmm::size::parse_size(&args.memory).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    let mut builder = Vm::builder()
+        .kernel(&args.kernel)
+        .cmdline(args.cmdline)
+        .vcpus(args.cpus)
+        .memory(memory)
+        .entry(match args.entry {
+            Entry::Linux64 => EntryPreference::Linux64,
+            Entry::Pvh => EntryPreference::Pvh,
+        })
+        .pvm(match args.pvm {
+            Pvm::Auto => PvmMode::Auto,
+            Pvm::On => PvmMode::On,
+            Pvm::Off => PvmMode::Off,
+        });
+    for spec in &args.disks {
+        builder = builder.disk(disk(spec).map_err(anyhow::Error::msg)?);
+    }
+    if let Some(path) = args.console {
+        builder = builder.console(Console::File(path));
+    }
+    let exit = builder.build()?.run()?;
+    if exit.is_clean() {
+        tracing::info!("{exit}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("dinv: {exit}");
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Some(Command::Boot(args)) => boot(args),
+        None => Err(anyhow::anyhow!("the docker daemon mode is not built yet; use `dinv boot`")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dinv: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

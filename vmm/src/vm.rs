@@ -1,0 +1,444 @@
+//! The VM: KVM objects, guest memory, devices, vCPU threads and the device event loop.
+//!
+//! [`VmBuilder::build`] does all the set-up that can fail (so errors surface before anything
+//! runs); [`Vm::run`] starts one thread per vCPU, runs the device event loop on the calling
+//! thread, and returns the [`VmExit`] once the guest resets, faults, or a [`VmHandle`] stops it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use vm_device::device_manager::IoManager;
+use vm_device::resources::Resource;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use boot::layout::{self, COM1_IRQ, COM1_PORT, I8042_DATA_PORT};
+use boot::loader::{self, EntryPreference};
+use boot::GuestMemoryMmap;
+use devices::legacy::i8042::{I8042, I8042_PORT_COUNT};
+use devices::legacy::serial::{SerialDevice, SERIAL_PORT_COUNT};
+use devices::legacy::EventFdTrigger;
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+
+use crate::console::{Console, ConsoleWriter};
+use crate::pvm::PvmMode;
+use crate::vcpu::{vcpu_kick_signal, ExitState, Vcpu};
+use crate::{Error, Result, VmExit};
+
+/// Where KVM on Intel puts the real-mode TSS (three pages just below the BIOS area).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Kernel parameters every dinv guest gets.
+const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule io_delay=none i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable";
+/// How long `run` waits for vCPU threads to leave `KVM_RUN` after the VM ended.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A raw disk image attached as virtio-blk (`/dev/vda`, `/dev/vdb`, … in attach order).
+pub type DiskConfig = BlockConfig;
+
+/// Builds a [`Vm`].
+#[derive(Debug)]
+pub struct VmBuilder {
+    kernel: Option<PathBuf>,
+    cmdline: String,
+    vcpus: u8,
+    memory: u64,
+    disks: Vec<DiskConfig>,
+    console: Console,
+    entry: EntryPreference,
+    pvm: PvmMode,
+}
+
+impl Default for VmBuilder {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory: 256 << 20,
+            disks: Vec::new(),
+            console: Console::Stdout,
+            entry: EntryPreference::default(),
+            pvm: PvmMode::Auto,
+        }
+    }
+}
+
+impl VmBuilder {
+    /// The kernel image: an ELF `vmlinux` or a `bzImage`.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// Extra kernel parameters (appended after dinv's own).
+    pub fn cmdline(mut self, extra: impl Into<String>) -> Self {
+        self.cmdline = extra.into();
+        self
+    }
+
+    /// Number of vCPUs (default 1).
+    pub fn vcpus(mut self, n: u8) -> Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// Guest memory in bytes (default 256 MiB).
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.memory = bytes;
+        self
+    }
+
+    /// Attaches a disk; the first is `/dev/vda`.
+    pub fn disk(mut self, disk: DiskConfig) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// Where the serial console goes (default: stdout).
+    pub fn console(mut self, console: Console) -> Self {
+        self.console = console;
+        self
+    }
+
+    /// Preferred entry point for ELF kernels.
+    pub fn entry(mut self, entry: EntryPreference) -> Self {
+        self.entry = entry;
+        self
+    }
+
+    /// Whether to apply the PVM compatibility profile (default: when the host is PVM).
+    pub fn pvm(mut self, mode: PvmMode) -> Self {
+        self.pvm = mode;
+        self
+    }
+
+    /// Creates the VM, loads the kernel and wires the devices. Nothing runs yet.
+    pub fn build(self) -> Result<Vm> {
+        Vm::new(self)
+    }
+}
+
+/// Stops a running [`Vm`] from another thread.
+#[derive(Clone, Debug)]
+pub struct VmHandle {
+    exit: Arc<ExitState>,
+}
+
+impl VmHandle {
+    /// Ends the VM now (no guest shutdown): `run` returns [`VmExit::Stopped`].
+    pub fn stop(&self) {
+        self.exit.finish(VmExit::Stopped);
+    }
+}
+
+/// Watches the i8042 reset line and the vCPUs' exit event.
+struct ExitWatcher {
+    reset: EventFd,
+    exit: Arc<ExitState>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.reset.as_raw_fd_() {
+            let _ = self.reset.read();
+            tracing::info!("guest requested a reset through the i8042");
+            self.exit.finish(VmExit::Reset);
+        } else {
+            let _ = self.exit.evt.read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [&self.reset, &self.exit.evt] {
+            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
+                tracing::error!("cannot watch exit events: {e}");
+            }
+        }
+    }
+}
+
+trait AsRawFdExt {
+    fn as_raw_fd_(&self) -> i32;
+}
+
+impl AsRawFdExt for EventFd {
+    fn as_raw_fd_(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A built VM, ready to [`run`](Vm::run).
+pub struct Vm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<VcpuFd>,
+    io: Arc<IoManager>,
+    events: EventManager<Subscriber>,
+    exit: Arc<ExitState>,
+    panicked: Arc<AtomicBool>,
+    /// Kept alive: transports are referenced by the I/O manager too.
+    _transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Starts describing a VM.
+    pub fn builder() -> VmBuilder {
+        VmBuilder::default()
+    }
+
+    /// A handle that can stop the VM while [`run`](Vm::run) blocks.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            exit: self.exit.clone(),
+        }
+    }
+
+    fn new(cfg: VmBuilder) -> Result<Self> {
+        let kernel_path = cfg.kernel.clone().ok_or(Error::NoKernel)?;
+        let pvm = cfg.pvm.enabled();
+        let mut vcpu_count = cfg.vcpus;
+        if vcpu_count == 0 {
+            return Err(Error::Config("vCPU count must be at least 1".into()));
+        }
+        if pvm {
+            tracing::info!("PVM detected: applying the PVM compatibility profile (kernel parameters, 1 vCPU)");
+            if vcpu_count > 1 {
+                tracing::warn!("PVM: using 1 vCPU instead of {vcpu_count}");
+                vcpu_count = 1;
+            }
+        }
+
+        let kvm = Kvm::new().map_err(Error::Kvm)?;
+        let vm = kvm.create_vm().map_err(Error::Kvm)?;
+
+        let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(cfg.memory)?)
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping belongs to `mem`, which `Vm` keeps alive for as long as the
+            // VM fd exists, and slots do not overlap.
+            unsafe { vm.set_user_memory_region(region) }.map_err(Error::Kvm)?;
+        }
+        if let Err(e) = vm.set_tss_address(KVM_TSS_ADDRESS) {
+            tracing::debug!("KVM_SET_TSS_ADDR: {e} (not needed on this host)");
+        }
+        vm.create_irq_chip().map_err(Error::Kvm)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(Error::Kvm)?;
+
+        let exit = Arc::new(ExitState::new().map_err(Error::EventFd)?);
+        let panicked = Arc::new(AtomicBool::new(false));
+        let mut io = IoManager::new();
+        let mut events: EventManager<Subscriber> = EventManager::new().map_err(Error::EventManager)?;
+
+        // Legacy devices: COM1 and the i8042 reset line.
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(Error::Kvm)?;
+        let console = ConsoleWriter::open(cfg.console, panicked.clone()).map_err(Error::Console)?;
+        let serial = SerialDevice::new(EventFdTrigger::new(serial_irq), console);
+        io.register_pio_resources(
+            Arc::new(Mutex::new(serial)),
+            &[Resource::PioAddressRange { base: COM1_PORT, size: SERIAL_PORT_COUNT }],
+        )
+        .map_err(|e| Error::Device(format!("serial: {e:?}")))?;
+        let reset = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let i8042 = I8042::new(EventFdTrigger::new(reset.try_clone().map_err(Error::EventFd)?));
+        io.register_pio_resources(
+            Arc::new(Mutex::new(i8042)),
+            &[Resource::PioAddressRange { base: I8042_DATA_PORT, size: I8042_PORT_COUNT }],
+        )
+        .map_err(|e| Error::Device(format!("i8042: {e:?}")))?;
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { reset, exit: exit.clone() })));
+
+        // Virtio devices, announced on the command line.
+        let mut cmdline = String::from(BASE_CMDLINE);
+        let mut transports = Vec::new();
+        for (index, disk) in cfg.disks.into_iter().enumerate() {
+            let path = disk.path.clone();
+            let block = Block::new(disk).map_err(|source| Error::Disk { path, source })?;
+            let block = Arc::new(Mutex::new(block));
+            let base = layout::virtio_mmio_window(index);
+            let irq = layout::virtio_irq(index).ok_or(Error::TooManyDevices)?;
+            let transport = MmioTransport::new(mem.clone(), block.clone())
+                .map_err(|e| Error::Device(format!("virtio-mmio: {e}")))?;
+            vm.register_irqfd(transport.interrupt_evt(), irq).map_err(Error::Kvm)?;
+            for (queue, evt) in transport.queue_evts().map_err(Error::EventFd)?.iter().enumerate() {
+                vm.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), queue as u32)
+                    .map_err(Error::Kvm)?;
+            }
+            let transport = Arc::new(Mutex::new(transport));
+            io.register_mmio_resources(
+                transport.clone(),
+                &[Resource::MmioAddressRange { base, size: layout::VIRTIO_MMIO_SIZE }],
+            )
+            .map_err(|e| Error::Device(format!("virtio-mmio: {e:?}")))?;
+            events.add_subscriber(block);
+            transports.push(transport);
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+        }
+        if pvm {
+            cmdline.push(' ');
+            cmdline.push_str(&crate::pvm::cmdline_additions());
+        }
+        if !cfg.cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&cfg.cmdline);
+        }
+
+        // Kernel and boot information.
+        let kernel = loader::load_kernel(&mem, &kernel_path, cfg.entry)?;
+        let cmdline = loader::cmdline_from_str(&cmdline)?;
+        loader::write_boot_info(&mem, &kernel, &cmdline)?;
+        boot::mptable::write_mptable(&mem, vcpu_count)?;
+        tracing::info!(
+            "kernel {} entry {:#x} ({:?}), {} vCPU(s), {} MiB",
+            kernel_path.display(),
+            kernel.entry.raw_value(),
+            kernel.protocol,
+            vcpu_count,
+            cfg.memory >> 20
+        );
+
+        // vCPUs.
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Kvm)?;
+        let mut vcpus = Vec::with_capacity(vcpu_count as usize);
+        for id in 0..vcpu_count {
+            let vcpu = vm.create_vcpu(u64::from(id)).map_err(Error::Kvm)?;
+            let mut cpuid = supported.clone();
+            boot::cpu::filter_cpuid(&mut cpuid, id, vcpu_count);
+            vcpu.set_cpuid2(&cpuid).map_err(Error::Kvm)?;
+            let entries = boot::cpu::boot_msrs();
+            let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Device(format!("MSRs: {e:?}")))?;
+            match vcpu.set_msrs(&msrs) {
+                Ok(n) if n == entries.len() => {}
+                Ok(n) => tracing::debug!("vcpu{id}: KVM took {n} of {} boot MSRs", entries.len()),
+                Err(e) => tracing::debug!("vcpu{id}: KVM_SET_MSRS: {e}"),
+            }
+            vcpu.set_fpu(&boot::cpu::boot_fpu()).map_err(Error::Kvm)?;
+            let mut lapic = vcpu.get_lapic().map_err(Error::Kvm)?;
+            boot::cpu::set_lint(&mut lapic);
+            vcpu.set_lapic(&lapic).map_err(Error::Kvm)?;
+            if id == 0 {
+                let sregs = vcpu.get_sregs().map_err(Error::Kvm)?;
+                let sregs = boot::cpu::boot_sregs(&mem, kernel.protocol, sregs)?;
+                vcpu.set_sregs(&sregs).map_err(Error::Kvm)?;
+                vcpu.set_regs(&boot::cpu::boot_regs(kernel.protocol, kernel.entry))
+                    .map_err(Error::Kvm)?;
+            }
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            _kvm: kvm,
+            _vm: vm,
+            mem,
+            vcpus,
+            io: Arc::new(io),
+            events,
+            exit,
+            panicked,
+            _transports: transports,
+        })
+    }
+
+    /// Runs the guest until it ends; returns why it ended.
+    pub fn run(mut self) -> Result<VmExit> {
+        extern "C" fn noop(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        vmm_sys_util::signal::register_signal_handler(vcpu_kick_signal(), noop)
+            .map_err(|e| Error::Signal(e.to_string()))?;
+
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (id, fd) in self.vcpus.drain(..).enumerate() {
+            let vcpu = Vcpu {
+                id: id as u8,
+                fd,
+                io: self.io.clone(),
+                mem: self.mem.clone(),
+                exit: self.exit.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu.run())
+                .map_err(Error::Thread)?;
+            threads.push(thread);
+        }
+
+        while !self.exit.stop.load(Ordering::SeqCst) {
+            if let Err(e) = self.events.run_with_timeout(100) {
+                tracing::error!("device event loop: {e:?}");
+            }
+        }
+
+        // Kick vCPUs until every thread has left KVM_RUN (a kick can race with entry, so
+        // repeat it), then join them.
+        let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(vcpu_kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in threads {
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!("a vCPU thread did not stop in time; leaving it behind");
+            }
+        }
+
+        let reason = self
+            .exit
+            .reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or(VmExit::Stopped);
+        Ok(match reason {
+            VmExit::Reset if self.panicked.load(Ordering::SeqCst) => VmExit::Panic,
+            other => other,
+        })
+    }
+
+    /// Guest memory (for embedding programs and tests).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
+/// The guest physical address of the first virtio-mmio window (for diagnostics).
+pub fn first_virtio_window() -> GuestAddress {
+    GuestAddress(layout::VIRTIO_MMIO_START)
+}
