@@ -66,13 +66,23 @@ impl Running {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut child = Command::new(dinv_bin())
+        Self::spawn_program(dinv_bin(), args)
+    }
+
+    /// Starts any `program` with `args` (benchmarks run QEMU this way for comparison).
+    pub fn spawn_program<P, I, S>(program: P, args: I) -> Running
+    where
+        P: AsRef<std::ffi::OsStr>,
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut child = Command::new(program.as_ref())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("cannot start dinv");
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", program.as_ref()));
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().expect("stdout");
         let err = child.stderr.take().expect("stderr");
@@ -94,6 +104,11 @@ impl Running {
             transcript: Vec::new(),
             started: Instant::now(),
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Time since `spawn`.
