@@ -1,0 +1,372 @@
+//! The virtio-blk device (virtio 1.2 §5.2): features, configuration space (§5.2.4), and the
+//! queue loop on the device event loop.
+//!
+//! Events (`event_manager::MutEventSubscriber`):
+//! - the internal activate EventFd, the only fd registered at `init`. [`Block::activate`]
+//!   runs on a vCPU thread: it stores the [`ActivationContext`] and signals this EventFd; the
+//!   event loop then registers the queue EventFd (runtime fds only after activation);
+//! - the queue EventFd (the transport's `QueueNotify`, normally a KVM ioeventfd): drain the
+//!   queue with notifications disabled, re-enable, repeat if more arrived, then raise at most
+//!   one interrupt for the batch (honouring `VIRTIO_RING_F_EVENT_IDX`).
+
+use std::fs::File;
+use std::mem::offset_of;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use tracing::{debug, error, warn};
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::request::complete_invalid;
+use super::{
+    BlockConfig, BlockError, BlockMetrics, Disk, Request, RequestContext, DISCARD_SECTOR_ALIGNMENT,
+    MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SIZE,
+};
+use crate::virtio::{
+    feature, ActivateError, ActivationContext, InterruptType, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+const ACTIVATE_TOKEN: u32 = 0;
+const QUEUE_TOKEN: u32 = 1;
+
+#[derive(Debug)]
+struct ActiveState {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queues: Vec<Queue>,
+}
+
+/// A virtio-blk device with one request queue.
+#[derive(Debug)]
+pub struct Block {
+    disk: Disk,
+    avail_features: u64,
+    acked_features: u64,
+    config_space: Vec<u8>,
+    queue_sizes: [u16; 1],
+    queue_evts: [EventFd; 1],
+    activate_evt: EventFd,
+    active: Option<ActiveState>,
+    queue_evts_registered: bool,
+    metrics: Arc<BlockMetrics>,
+}
+
+impl Block {
+    /// Open `config.path` and build the device.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let disk = Disk::open(&config)?;
+        Self::with_disk(disk, &config)
+    }
+
+    /// Build the device over an already open file (a memfd, say).
+    pub fn with_file(file: File, config: BlockConfig) -> Result<Self, BlockError> {
+        let disk = Disk::from_file(file, &config)?;
+        Self::with_disk(disk, &config)
+    }
+
+    fn with_disk(disk: Disk, config: &BlockConfig) -> Result<Self, BlockError> {
+        let queue_size = match config.queue_size {
+            0 => QUEUE_SIZE,
+            n if n.is_power_of_two() && n <= QUEUE_SIZE => n,
+            n => return Err(BlockError::QueueSize(n)),
+        };
+        let mut avail_features = feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_BLK_F_SEG_MAX)
+            | feature(VIRTIO_BLK_F_BLK_SIZE)
+            | feature(VIRTIO_BLK_F_FLUSH);
+        if disk.read_only() {
+            avail_features |= feature(VIRTIO_BLK_F_RO);
+        } else {
+            avail_features |= feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        let config_space = build_config_space(&disk, queue_size);
+        Ok(Self {
+            disk,
+            avail_features,
+            acked_features: 0,
+            config_space,
+            queue_sizes: [queue_size],
+            queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            active: None,
+            queue_evts_registered: false,
+            metrics: Arc::new(BlockMetrics::default()),
+        })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> &Arc<BlockMetrics> {
+        &self.metrics
+    }
+
+    /// The backing disk.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Whether the guest activated the device (and has not reset it since).
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn request_context(&self) -> RequestContext {
+        RequestContext {
+            capacity_sectors: self.disk.capacity_sectors(),
+            discard: self.acked_features & feature(VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: self.acked_features & feature(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+        }
+    }
+
+    /// Drain queue `idx` and raise (at most) one interrupt for the batch.
+    pub fn process_queue(&mut self, idx: usize) {
+        let ctx = self.request_context();
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = active.queues.get_mut(idx) else {
+            return;
+        };
+        let mem = &active.mem;
+        let mut used_any = false;
+        loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                error!("virtio-blk: cannot disable notifications: {e}");
+                BlockMetrics::inc(&self.metrics.queue_errors);
+                break;
+            }
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let used_len = match Request::parse(&chain, mem, &ctx) {
+                    Ok(req) => req.execute(&self.disk, &self.metrics).used_len,
+                    Err(e) => {
+                        debug!(head, "virtio-blk: malformed request: {e}");
+                        BlockMetrics::inc(&self.metrics.invalid_requests);
+                        complete_invalid(&chain, mem)
+                    }
+                };
+                if let Err(e) = queue.add_used(mem, head, used_len) {
+                    error!(head, "virtio-blk: cannot add used entry: {e}");
+                    BlockMetrics::inc(&self.metrics.queue_errors);
+                }
+                used_any = true;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    error!("virtio-blk: cannot enable notifications: {e}");
+                    BlockMetrics::inc(&self.metrics.queue_errors);
+                    break;
+                }
+            }
+        }
+        if !used_any {
+            return;
+        }
+        // If the ring cannot be read, err on the side of interrupting.
+        if queue.needs_notification(mem).unwrap_or(true) {
+            // The queue index is < queue_sizes.len() == 1.
+            let int = InterruptType::Queue(u16::try_from(idx).unwrap_or(0));
+            match active.interrupt.trigger(int) {
+                Ok(()) => BlockMetrics::inc(&self.metrics.interrupts),
+                Err(e) => {
+                    error!("virtio-blk: cannot raise interrupt: {e}");
+                    BlockMetrics::inc(&self.metrics.queue_errors);
+                }
+            }
+        }
+    }
+
+    fn handle_activate_event(&mut self, ops: &mut EventOps) {
+        if let Err(e) = self.activate_evt.read() {
+            warn!("virtio-blk: activate event read failed: {e}");
+        }
+        if self.active.is_none() {
+            return;
+        }
+        if !self.queue_evts_registered {
+            for (i, evt) in self.queue_evts.iter().enumerate() {
+                // `i` < 1: the token cannot overflow.
+                let token = QUEUE_TOKEN + i as u32;
+                if let Err(e) = ops.add(Events::with_data(evt, token, EventSet::IN)) {
+                    error!("virtio-blk: cannot register queue event: {e}");
+                    return;
+                }
+            }
+            self.queue_evts_registered = true;
+        }
+        // Requests may have been queued before the queue event was registered.
+        for idx in 0..self.queue_evts.len() {
+            self.process_queue(idx);
+        }
+    }
+
+    fn handle_queue_event(&mut self, idx: usize) {
+        let Some(evt) = self.queue_evts.get(idx) else {
+            warn!(idx, "virtio-blk: event for unknown queue");
+            return;
+        };
+        if let Err(e) = evt.read() {
+            // EAGAIN: a spurious wake-up, the queue is still worth checking.
+            debug!("virtio-blk: queue event read failed: {e}");
+        }
+        BlockMetrics::inc(&self.metrics.queue_events);
+        self.process_queue(idx);
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        let unknown = features & !self.avail_features;
+        if unknown != 0 {
+            warn!(
+                unknown,
+                "virtio-blk: driver acked features that were not offered"
+            );
+        }
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = &self.config_space;
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(config.len());
+        let end = start.saturating_add(data.len()).min(config.len());
+        let n = end - start;
+        data[..n].copy_from_slice(&config[start..end]);
+        data[n..].fill(0);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // No writable field is offered (no VIRTIO_BLK_F_CONFIG_WCE).
+        warn!(offset, len = data.len(), "virtio-blk: config write ignored");
+    }
+
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if ctx.queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_sizes.len(),
+                actual: ctx.queues.len(),
+            });
+        }
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)?;
+        self.active = Some(ActiveState {
+            mem: ctx.mem,
+            interrupt: ctx.interrupt,
+            queues: ctx.queues,
+        });
+        BlockMetrics::inc(&self.metrics.activations);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        // The queue EventFd stays registered; events for an inactive device are drained
+        // and ignored.
+        self.active = None;
+        self.acked_features = 0;
+        true
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            ACTIVATE_TOKEN,
+            EventSet::IN,
+        )) {
+            error!("virtio-blk: cannot register the activate event: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            ACTIVATE_TOKEN => self.handle_activate_event(ops),
+            token => self.handle_queue_event((token - QUEUE_TOKEN) as usize),
+        }
+    }
+}
+
+/// The configuration space (§5.2.4) up to `write_zeroes_may_unmap` (no secure erase, zones).
+fn build_config_space(disk: &Disk, queue_size: u16) -> Vec<u8> {
+    let len = offset_of!(virtio_blk_config, max_secure_erase_sectors);
+    let mut c = vec![0u8; len];
+    let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
+    put(
+        offset_of!(virtio_blk_config, capacity),
+        &disk.capacity_sectors().to_le_bytes(),
+    );
+    // Two descriptors of every request carry the header and the status.
+    let seg_max = u32::from(queue_size.saturating_sub(2).max(1));
+    put(
+        offset_of!(virtio_blk_config, seg_max),
+        &seg_max.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, blk_size),
+        &(SECTOR_SIZE as u32).to_le_bytes(),
+    );
+    for (field, value) in [
+        (
+            offset_of!(virtio_blk_config, max_discard_sectors),
+            MAX_DISCARD_SECTORS,
+        ),
+        (
+            offset_of!(virtio_blk_config, max_discard_seg),
+            MAX_DISCARD_SEG,
+        ),
+        (
+            offset_of!(virtio_blk_config, discard_sector_alignment),
+            DISCARD_SECTOR_ALIGNMENT,
+        ),
+        (
+            offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+            MAX_DISCARD_SECTORS,
+        ),
+        (
+            offset_of!(virtio_blk_config, max_write_zeroes_seg),
+            MAX_DISCARD_SEG,
+        ),
+    ] {
+        put(field, &value.to_le_bytes());
+    }
+    put(offset_of!(virtio_blk_config, write_zeroes_may_unmap), &[1]);
+    c
+}
