@@ -295,7 +295,7 @@ impl Vm {
             let transport = MmioTransport::new(mem.clone(), block.clone())
                 .map_err(|e| Error::Device(format!("virtio-mmio: {e}")))?;
             vm.register_irqfd(transport.interrupt_evt(), irq).map_err(Error::Kvm)?;
-            for (queue, evt) in transport.queue_evts().map_err(Error::EventFd)?.iter().enumerate() {
+            for (queue, evt) in transport.queue_evts().iter().enumerate() {
                 vm.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), queue as u32)
                     .map_err(Error::Kvm)?;
             }
