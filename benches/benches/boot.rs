@@ -6,6 +6,7 @@
 //! - time from exec to the guest's `DINV-TEST-INIT-OK` line on the serial console;
 //! - the VMM's peak RSS excluding guest memory (sum of `/proc/PID/smaps` Rss over every mapping
 //!   except the guest RAM mapping), sampled every 50 ms.
+//!
 //! Targets: dinv ≤ 0.5× QEMU's time to init; dinv overhead ≤ 4 MiB.
 //!
 //! Run: `scripts/bench boot` (builds dinv in release first). `DINV_BENCH_RUNS` sets the

@@ -86,7 +86,7 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// Decodes a GDT descriptor into the form `KVM_SET_SREGS` takes (byte-granular limit).
 pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let bit = |n: u32| ((entry >> n) & 1) as u8;
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = bit(55);
     let limit = if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };

@@ -74,7 +74,7 @@ fn mptable_checksums_and_counts() {
     assert_eq!(all.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
     // The largest table fits in the KiB of the EBDA that Linux scans, below the VGA hole.
     assert!(mptable::table_size(mptable::MAX_CPUS) <= 1024);
-    assert!(EBDA_START + 1024 <= LOW_MEMORY_END);
+    const { assert!(EBDA_START + 1024 <= LOW_MEMORY_END) };
     assert!(mptable::write_mptable(&mem, mptable::MAX_CPUS).is_ok());
     assert!(mptable::write_mptable(&mem, 0).is_err());
     assert!(mptable::write_mptable(&mem, mptable::MAX_CPUS + 1).is_err());
