@@ -7,6 +7,18 @@
 //! implemented by the Linux client (`net/9p`, `fs/9p`); the wire codec lives in
 //! [`wire`].
 //!
+//! ```
+//! use p9::wire::{Rmessage, Tmessage};
+//! let dir = tempfile::tempdir().unwrap();
+//! let server = p9::Server::new(p9::Config::new(dir.path())).unwrap();
+//! let mut req = Vec::new();
+//! Tmessage::Version { msize: 1 << 20, version: b"9P2000.L" }.encode(0xffff, &mut req).unwrap();
+//! let mut resp = Vec::new();
+//! server.handle_message(&mut &req[..], &mut resp).unwrap();
+//! let (_, reply) = Rmessage::decode_frame(&resp).unwrap();
+//! assert_eq!(reply, Rmessage::Version { msize: 1 << 20, version: b"9P2000.L" });
+//! ```
+//!
 //! # Messages
 //! version, auth (always refused: no authentication), attach, flush, walk,
 //! lopen, lcreate, read, write, clunk, remove, statfs, getattr, setattr,
@@ -34,6 +46,11 @@
 //!   after checking it is a regular file or directory (symlinks: `ELOOP`;
 //!   devices, FIFOs, sockets: `ENXIO`). A path swapped after the walk cannot
 //!   redirect the open: the fd names the inode, not the path.
+//! - Remove, rename and link act on a fid's remembered (directory fd, name)
+//!   only after checking that the name still refers to the fid's inode.
+//! - The host itself can still move a directory out of the export under a
+//!   live fid; `..` from it is then refused (`EACCES`), but the fid keeps
+//!   naming that directory. Mounts inside the export are crossed.
 //! - mknod creates only regular files, FIFOs, sockets and 0:0 whiteouts;
 //!   device nodes are refused with `EPERM`.
 //!
@@ -76,6 +93,9 @@ pub const DEFAULT_MSIZE_MAX: u32 = 4 << 20;
 /// Hard upper bound for [`Config::msize_max`].
 pub const MAX_MSIZE: u32 = 16 << 20;
 
+/// Default for [`Config::max_fids`].
+pub const DEFAULT_MAX_FIDS: usize = 1 << 20;
+
 /// Whose ids files created by the guest carry on the host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Ownership {
@@ -99,6 +119,9 @@ pub struct Config {
     pub msize_max: u32,
     /// uid/gid policy.
     pub ownership: Ownership,
+    /// Most fids alive at once (each holds one or two host fds; the VMM
+    /// should raise `RLIMIT_NOFILE` accordingly). Beyond it: `EMFILE`.
+    pub max_fids: usize,
 }
 
 impl Config {
@@ -109,6 +132,7 @@ impl Config {
             read_only: false,
             msize_max: DEFAULT_MSIZE_MAX,
             ownership: Ownership::default(),
+            max_fids: DEFAULT_MAX_FIDS,
         }
     }
 }

@@ -39,6 +39,7 @@ pub struct Server {
     pub(crate) read_only: bool,
     pub(crate) ownership: Ownership,
     msize_max: u32,
+    max_fids: usize,
     msize: AtomicU32,
     pub(crate) root: Arc<OwnedFd>,
     pub(crate) root_dev: u64,
@@ -71,6 +72,7 @@ impl Server {
             read_only: cfg.read_only,
             ownership: cfg.ownership,
             msize_max,
+            max_fids: cfg.max_fids.max(1),
             msize: AtomicU32::new(msize_max),
             root: Arc::new(root),
             root_dev: st.st_dev,
@@ -238,6 +240,10 @@ impl Server {
     fn walk(&self, fid: u32, newfid: u32, names: &[&[u8]]) -> Result<Rmessage<'static>, Errno> {
         let f = self.get(fid)?;
         let pf = f.path()?;
+        if names.is_empty() && newfid == fid {
+            // Cloning a fid onto itself changes nothing (and keeps it open).
+            return Ok(Rmessage::Walk { qids: Vec::new() });
+        }
         if newfid != fid && self.table().contains_key(&newfid) {
             return Err(Errno(libc::EBADF));
         }
@@ -365,7 +371,12 @@ impl Server {
         if fid == wire::NOFID {
             return Err(Errno(libc::EBADF));
         }
-        match self.table().entry(fid) {
+        let mut table = self.table();
+        if table.len() >= self.max_fids {
+            // Every fid holds host fds: bound what one guest can pin.
+            return Err(Errno(libc::EMFILE));
+        }
+        match table.entry(fid) {
             std::collections::hash_map::Entry::Occupied(_) => Err(Errno(libc::EBADF)),
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(Arc::new(f));

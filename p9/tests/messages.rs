@@ -844,3 +844,20 @@ fn concurrent_requests_from_threads() {
     assert_eq!(c.srv.fid_count(), 9);
     c.clunk(100).unwrap();
 }
+
+#[test]
+fn fid_limit_and_self_clone() {
+    let mut c = Client::with(|cfg| cfg.max_fids = 3);
+    c.version(1 << 20);
+    c.attach(ROOT, b"").unwrap();
+    std::fs::write(c.export().join("f"), b"x").unwrap();
+    c.walk_to(2, "f").unwrap();
+    c.lopen(2, oflags::RDONLY).unwrap();
+    // Cloning a fid onto itself keeps it open.
+    assert_eq!(c.walk(2, 2, &[]).unwrap(), vec![]);
+    assert_eq!(c.read(2, 0, 10).unwrap(), b"x");
+    c.walk(ROOT, 3, &[]).unwrap();
+    assert_eq!(c.walk(ROOT, 4, &[]), Err(libc::EMFILE));
+    c.clunk(3).unwrap();
+    c.walk(ROOT, 4, &[]).unwrap();
+}
