@@ -86,6 +86,11 @@ impl TxQueue {
         self.frames.front().map(Vec::len)
     }
 
+    /// Whether the queue is at its limit.
+    pub fn is_full(&self) -> bool {
+        self.frames.len() >= self.limit
+    }
+
     /// Number of queued frames.
     pub fn len(&self) -> usize {
         self.frames.len()

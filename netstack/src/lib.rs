@@ -63,7 +63,9 @@ mod sys;
 use std::io;
 use std::net::SocketAddr;
 
-pub use config::{parse_port_list, Checksums, Config, ConfigError, Ipv4Subnet, Limits, PortForward};
+pub use config::{
+    parse_port_list, Checksums, Config, ConfigError, Ipv4Subnet, Limits, PortForward,
+};
 pub use stack::{NetStack, Stats};
 
 /// Errors from [`NetStack::new`].

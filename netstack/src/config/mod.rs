@@ -173,7 +173,10 @@ pub fn parse_port_list(list: &str) -> Result<Vec<PortForward>, ConfigError> {
             reason,
         };
         let (host, guest) = match entry.split_once(':') {
-            Some((h, g)) => (parse_port(h.trim()).map_err(bad)?, parse_port(g.trim()).map_err(bad)?),
+            Some((h, g)) => (
+                parse_port(h.trim()).map_err(bad)?,
+                parse_port(g.trim()).map_err(bad)?,
+            ),
             None => {
                 let p = parse_port(entry).map_err(bad)?;
                 (p, p)

@@ -13,10 +13,16 @@ fn port_list_accepts_both_forms() {
         parse_port_list("8080;9000:90").unwrap(),
         vec![fwd(8080, 8080), fwd(9000, 90)]
     );
-    assert_eq!(parse_port_list(" 1 ; 65535:2 ;").unwrap(), vec![fwd(1, 1), fwd(65535, 2)]);
+    assert_eq!(
+        parse_port_list(" 1 ; 65535:2 ;").unwrap(),
+        vec![fwd(1, 1), fwd(65535, 2)]
+    );
     assert_eq!(parse_port_list("").unwrap(), vec![]);
     // Same guest port behind two host ports is fine.
-    assert_eq!(parse_port_list("81:80;82:80").unwrap(), vec![fwd(81, 80), fwd(82, 80)]);
+    assert_eq!(
+        parse_port_list("81:80;82:80").unwrap(),
+        vec![fwd(81, 80), fwd(82, 80)]
+    );
 }
 
 #[test]
@@ -53,7 +59,13 @@ fn subnet_parse_and_layout() {
     assert_eq!(s.broadcast(), Ipv4Addr::new(10, 234, 0, 255));
     assert!(s.contains(Ipv4Addr::new(10, 234, 0, 1)));
     assert!(!s.contains(Ipv4Addr::new(10, 234, 1, 1)));
-    for bad in ["10.0.0.0", "10.0.0.0/28", "10.0.0.0/7", "x/24", "10.0.0.0/a"] {
+    for bad in [
+        "10.0.0.0",
+        "10.0.0.0/28",
+        "10.0.0.0/7",
+        "x/24",
+        "10.0.0.0/a",
+    ] {
         assert!(bad.parse::<Ipv4Subnet>().is_err(), "{bad}");
     }
     let c = Config::default();
@@ -66,7 +78,10 @@ fn subnet_parse_and_layout() {
     let dinv: Ipv4Subnet = "172.19.0.0/16".parse().unwrap();
     assert!(!c.subnet.overlaps(&docker) && !c.subnet.overlaps(&dinv));
     assert!(docker.overlaps(&"172.17.5.0/24".parse().unwrap()));
-    assert!("172.16.0.0/12".parse::<Ipv4Subnet>().unwrap().overlaps(&docker));
+    assert!("172.16.0.0/12"
+        .parse::<Ipv4Subnet>()
+        .unwrap()
+        .overlaps(&docker));
 }
 
 #[test]
@@ -88,7 +103,8 @@ fn layout_validation() {
     c.validate().unwrap();
 }
 
-const ROUTES: &str = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+const ROUTES: &str =
+    "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
 eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
 eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
 docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0

@@ -216,12 +216,7 @@ const IPV4_HEADER: usize = 20;
 const UDP_HEADER: usize = 8;
 const ICMP_ECHO_HEADER: usize = 8;
 
-fn ipv4_header(
-    buf: &mut [u8],
-    proto: IpProtocol,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-) -> Option<()> {
+fn ipv4_header(buf: &mut [u8], proto: IpProtocol, src: Ipv4Addr, dst: Ipv4Addr) -> Option<()> {
     let total = u16::try_from(buf.len()).ok()?;
     let mut ip = Ipv4Packet::new_unchecked(buf);
     ip.set_version(4);

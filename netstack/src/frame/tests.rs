@@ -82,7 +82,10 @@ fn valid_frames() {
     let udp0 = build_udp(src, SocketAddrV4::new(DST, 53), b"query", false).unwrap();
     let mut udp0 = udp0;
     Ipv4Packet::new_unchecked(&mut udp0).fill_checksum();
-    assert!(matches!(parse(&eth(EthernetProtocol::Ipv4, &udp0)), Ok(GuestPacket::Udp { .. })));
+    assert!(matches!(
+        parse(&eth(EthernetProtocol::Ipv4, &udp0)),
+        Ok(GuestPacket::Udp { .. })
+    ));
 
     // An echo *reply* built by us, turned into a request.
     let mut ping = build_echo_reply(GUEST, DST, 7, 9, b"abc").unwrap();
@@ -104,7 +107,13 @@ fn valid_frames() {
     // Ethernet padding after the IP total length is ignored.
     let mut padded = eth(EthernetProtocol::Ipv4, &udp);
     padded.extend_from_slice(&[0xee; 20]);
-    assert!(matches!(parse(&padded), Ok(GuestPacket::Udp { payload: b"query", .. })));
+    assert!(matches!(
+        parse(&padded),
+        Ok(GuestPacket::Udp {
+            payload: b"query",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -113,7 +122,10 @@ fn ignored_frames() {
     assert_eq!(parse(&ipv6), Ok(GuestPacket::Ignored(Ignored::EtherType)));
     let mut other_mac = eth(EthernetProtocol::Ipv4, &tcp_ip(TcpControl::Syn, false));
     other_mac[..6].copy_from_slice(&[2, 9, 9, 9, 9, 9]);
-    assert_eq!(parse(&other_mac), Ok(GuestPacket::Ignored(Ignored::NotForUs)));
+    assert_eq!(
+        parse(&other_mac),
+        Ok(GuestPacket::Ignored(Ignored::NotForUs))
+    );
     let mut frag = tcp_ip(TcpControl::Syn, false);
     {
         let mut ip = Ipv4Packet::new_unchecked(&mut frag);
@@ -149,12 +161,42 @@ fn malformed_frames_are_rejected() {
     type Mutate = fn(&mut Vec<u8>);
     let cases: Vec<(&str, Vec<u8>, Mutate, Malformed)> = vec![
         ("empty ip", syn.clone(), |b| b.truncate(0), Malformed::Ipv4),
-        ("short ip header", syn.clone(), |b| b.truncate(12), Malformed::Ipv4),
-        ("total_len beyond buffer", syn.clone(), |b| b.truncate(30), Malformed::Ipv4),
-        ("ihl too small", syn.clone(), |b| b[0] = 0x44, Malformed::Ipv4),
-        ("version 6 in ipv4", syn.clone(), |b| b[0] = 0x65, Malformed::Ipv4),
-        ("ip checksum", syn.clone(), |b| b[10] ^= 1, Malformed::Ipv4Checksum),
-        ("tcp checksum", syn.clone(), |b| b[37] ^= 1, Malformed::Checksum),
+        (
+            "short ip header",
+            syn.clone(),
+            |b| b.truncate(12),
+            Malformed::Ipv4,
+        ),
+        (
+            "total_len beyond buffer",
+            syn.clone(),
+            |b| b.truncate(30),
+            Malformed::Ipv4,
+        ),
+        (
+            "ihl too small",
+            syn.clone(),
+            |b| b[0] = 0x44,
+            Malformed::Ipv4,
+        ),
+        (
+            "version 6 in ipv4",
+            syn.clone(),
+            |b| b[0] = 0x65,
+            Malformed::Ipv4,
+        ),
+        (
+            "ip checksum",
+            syn.clone(),
+            |b| b[10] ^= 1,
+            Malformed::Ipv4Checksum,
+        ),
+        (
+            "tcp checksum",
+            syn.clone(),
+            |b| b[37] ^= 1,
+            Malformed::Checksum,
+        ),
         (
             "tcp data offset past end",
             syn.clone(),
@@ -164,7 +206,12 @@ fn malformed_frames_are_rejected() {
             },
             Malformed::Tcp,
         ),
-        ("udp checksum", udp.clone(), |b| b[29] ^= 1, Malformed::Checksum),
+        (
+            "udp checksum",
+            udp.clone(),
+            |b| b[29] ^= 1,
+            Malformed::Checksum,
+        ),
         (
             "udp length too long",
             udp.clone(),
@@ -200,7 +247,10 @@ fn malformed_frames_are_rejected() {
         assert_eq!(parse(&frame), Err(want), "{name}");
     }
     assert_eq!(parse(&[0u8; 13]), Err(Malformed::Ethernet));
-    assert_eq!(parse(&eth(EthernetProtocol::Arp, &[0u8; 10])), Err(Malformed::Arp));
+    assert_eq!(
+        parse(&eth(EthernetProtocol::Arp, &[0u8; 10])),
+        Err(Malformed::Arp)
+    );
     // Without verification a bad checksum passes.
     let mut bad = syn.clone();
     bad[37] ^= 1;
@@ -227,7 +277,10 @@ fn arp_self_probe_is_ignored() {
         repr.emit(&mut ArpPacket::new_unchecked(&mut buf));
         eth(EthernetProtocol::Arp, &buf)
     };
-    assert_eq!(parse(&probe(GUEST)), Ok(GuestPacket::Ignored(Ignored::ArpSelf)));
+    assert_eq!(
+        parse(&probe(GUEST)),
+        Ok(GuestPacket::Ignored(Ignored::ArpSelf))
+    );
     assert_eq!(parse(&probe(DST)), Ok(GuestPacket::Arp));
 }
 

@@ -33,7 +33,8 @@ fn insert_lookup_remove() {
     assert_eq!(t.key(id1), Some(k1));
     assert_eq!(t.len(Proto::Tcp), 2);
     // UDP has its own limit, shared with ICMP.
-    t.insert(key(Proto::Udp, "10.0.0.15:5", "1.2.3.4:53"), now).unwrap();
+    t.insert(key(Proto::Udp, "10.0.0.15:5", "1.2.3.4:53"), now)
+        .unwrap();
     assert_eq!(
         t.insert(key(Proto::Icmp, "10.0.0.15:7", "1.2.3.4:0"), now),
         Err(NatError::Full)
@@ -66,7 +67,10 @@ fn gateway_ports_wrap_and_skip_used() {
     let now = Instant::now();
     let gw = Ipv4Addr::new(10, 0, 0, 1);
     let guest = sa("10.0.0.15:80");
-    let mut t = NatTable::new(NatLimits { tcp: 100_000, udp: 1 });
+    let mut t = NatTable::new(NatLimits {
+        tcp: 100_000,
+        udp: 1,
+    });
     let span = usize::from(u16::MAX - GATEWAY_PORT_FIRST) + 1;
     let first = t.insert_forwarded(Proto::Tcp, gw, guest, now).unwrap();
     for _ in 1..span {
@@ -85,9 +89,14 @@ fn gateway_ports_wrap_and_skip_used() {
 fn idle_expiry() {
     let t0 = Instant::now();
     let mut t = NatTable::new(NatLimits { tcp: 10, udp: 10 });
-    let dns = t.insert(key(Proto::Udp, "10.0.0.15:5000", "10.0.0.3:53"), t0).unwrap();
-    let other = t.insert(key(Proto::Udp, "10.0.0.15:5001", "1.1.1.1:9"), t0).unwrap();
-    t.insert(key(Proto::Tcp, "10.0.0.15:5001", "1.1.1.1:9"), t0).unwrap();
+    let dns = t
+        .insert(key(Proto::Udp, "10.0.0.15:5000", "10.0.0.3:53"), t0)
+        .unwrap();
+    let other = t
+        .insert(key(Proto::Udp, "10.0.0.15:5001", "1.1.1.1:9"), t0)
+        .unwrap();
+    t.insert(key(Proto::Tcp, "10.0.0.15:5001", "1.1.1.1:9"), t0)
+        .unwrap();
     let idle = |k: &FlowKey| {
         if k.peer.port() == 53 {
             Duration::from_secs(10)
@@ -95,9 +104,17 @@ fn idle_expiry() {
             Duration::from_secs(60)
         }
     };
-    assert_eq!(t.next_expiry(Proto::Udp, idle), Some(t0 + Duration::from_secs(10)));
-    assert!(t.idle_flows(Proto::Udp, t0 + Duration::from_secs(5), idle).is_empty());
-    assert_eq!(t.idle_flows(Proto::Udp, t0 + Duration::from_secs(11), idle), vec![dns]);
+    assert_eq!(
+        t.next_expiry(Proto::Udp, idle),
+        Some(t0 + Duration::from_secs(10))
+    );
+    assert!(t
+        .idle_flows(Proto::Udp, t0 + Duration::from_secs(5), idle)
+        .is_empty());
+    assert_eq!(
+        t.idle_flows(Proto::Udp, t0 + Duration::from_secs(11), idle),
+        vec![dns]
+    );
     t.touch(other, t0 + Duration::from_secs(50));
     let mut late = t.idle_flows(Proto::Udp, t0 + Duration::from_secs(61), idle);
     late.sort();
@@ -109,7 +126,10 @@ fn translate_policy() {
     let cfg = Config::default();
     let plan = AddressPlan::new(&cfg, Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53))));
     let t = |s: &str| plan.translate(sa(s));
-    assert_eq!(t("10.234.0.2:8080"), Some("127.0.0.1:8080".parse::<SocketAddr>().unwrap()));
+    assert_eq!(
+        t("10.234.0.2:8080"),
+        Some("127.0.0.1:8080".parse::<SocketAddr>().unwrap())
+    );
     assert_eq!(t("10.234.0.3:53"), Some("127.0.0.53:53".parse().unwrap()));
     assert_eq!(t("10.234.0.3:54"), None);
     assert_eq!(t("10.234.0.1:80"), None);
@@ -119,7 +139,10 @@ fn translate_policy() {
     assert_eq!(t("255.255.255.255:67"), None);
     assert_eq!(t("0.0.0.0:80"), None);
     assert_eq!(t("93.184.216.34:0"), None);
-    assert_eq!(t("93.184.216.34:443"), Some("93.184.216.34:443".parse().unwrap()));
+    assert_eq!(
+        t("93.184.216.34:443"),
+        Some("93.184.216.34:443".parse().unwrap())
+    );
     let no_dns = AddressPlan::new(&cfg, None);
     assert_eq!(no_dns.translate(sa("10.234.0.3:53")), None);
     assert!(plan.is_service_ip(cfg.gateway_ip) && !plan.is_service_ip(cfg.guest_ip));

@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::DeviceCapabilities;
 use smoltcp::socket::raw;
-use smoltcp::wire::{
-    EthernetAddress, HardwareAddress, IpCidr, IpProtocol, IpVersion, Ipv4Cidr,
-};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpProtocol, IpVersion, Ipv4Cidr};
 
 use crate::config::{parse_resolv_conf, Config, PortForward};
 use crate::device::{capabilities, QueueDevice, RxQueue, TxQueue};
@@ -472,6 +470,10 @@ impl NetStack {
     fn arm_timer(&mut self, now: Instant, ts: smoltcp::time::Instant, busy: bool) {
         let mut delay = if busy {
             Some(Duration::ZERO)
+        } else if self.tx.is_full() {
+            // smoltcp has frames to send but the guest is not taking them: do not spin on its
+            // "poll now"; the waker fires when the queue drains.
+            None
         } else {
             self.iface
                 .poll_delay(ts, &self.sockets)

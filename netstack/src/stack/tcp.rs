@@ -96,8 +96,7 @@ impl TcpFlow {
             }
         }
         // Guest FIN, once everything before it was written → host half-close.
-        if self.established && !self.host_shut_wr && peer_closed(state) && sock.recv_queue() == 0
-        {
+        if self.established && !self.host_shut_wr && peer_closed(state) && sock.recv_queue() == 0 {
             let _ = self.stream.shutdown(Shutdown::Write);
             self.host_shut_wr = true;
             moved = true;
@@ -139,7 +138,10 @@ impl TcpFlow {
 }
 
 fn synchronized(s: State) -> bool {
-    !matches!(s, State::Closed | State::Listen | State::SynSent | State::SynReceived)
+    !matches!(
+        s,
+        State::Closed | State::Listen | State::SynSent | State::SynReceived
+    )
 }
 
 fn peer_closed(s: State) -> bool {
@@ -230,8 +232,8 @@ impl NetStack {
         {
             return;
         }
-        let failed = bits & libc::EPOLLHUP as u32 != 0
-            || !matches!(flow.stream.take_error(), Ok(None));
+        let failed =
+            bits & libc::EPOLLHUP as u32 != 0 || !matches!(flow.stream.take_error(), Ok(None));
         self.tcp_connect_done(id, !failed, ts);
     }
 
@@ -270,9 +272,8 @@ impl NetStack {
         };
         self.iface
             .poll_ingress_single(ts, &mut dev, &mut self.sockets);
-        let accepted = handle.is_some_and(|h| {
-            self.sockets.get::<tcp::Socket>(h).state() == State::SynReceived
-        });
+        let accepted = handle
+            .is_some_and(|h| self.sockets.get::<tcp::Socket>(h).state() == State::SynReceived);
         match (handle, accepted) {
             (Some(h), true) => {
                 self.stats.tcp_connected += 1;
@@ -340,7 +341,8 @@ impl NetStack {
             }
             let handle = self.sockets.add(sock);
             self.stats.tcp_accepted += 1;
-            self.tcp.insert(id, TcpFlow::new(stream, Phase::Open(handle)));
+            self.tcp
+                .insert(id, TcpFlow::new(stream, Phase::Open(handle)));
         }
     }
 

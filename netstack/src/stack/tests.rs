@@ -43,7 +43,8 @@ impl Harness {
             )
         };
         iface.update_ip_addrs(|a| {
-            a.push(IpCidr::Ipv4(Ipv4Cidr::new(config.guest_ip, 24))).unwrap();
+            a.push(IpCidr::Ipv4(Ipv4Cidr::new(config.guest_ip, 24)))
+                .unwrap();
         });
         iface
             .routes_mut()
@@ -157,7 +158,10 @@ fn tcp_to_host_loopback_alias_round_trips() {
     assert!(got == data);
     h.tcp(sock).close();
     h.run_until("closed", |h| {
-        matches!(h.tcp(sock).state(), tcp::State::TimeWait | tcp::State::Closed)
+        matches!(
+            h.tcp(sock).state(),
+            tcp::State::TimeWait | tcp::State::Closed
+        )
     });
     server.join().unwrap();
     h.run_until("flow reaped", |h| h.net.active_flows().0 == 0);
@@ -230,7 +234,9 @@ fn udp_round_trip_and_forwards() {
         .get_mut::<udp::Socket>(u)
         .send_slice(b"ping", to)
         .unwrap();
-    h.run_until("udp echo", |h| h.sockets.get_mut::<udp::Socket>(u).can_recv());
+    h.run_until("udp echo", |h| {
+        h.sockets.get_mut::<udp::Socket>(u).can_recv()
+    });
     let (data, meta) = h.sockets.get_mut::<udp::Socket>(u).recv().unwrap();
     assert_eq!(data, b"ping");
     assert_eq!(meta.endpoint, to);
@@ -251,7 +257,9 @@ fn udp_round_trip_and_forwards() {
         .unwrap();
     client.set_nonblocking(true).unwrap();
     let mut buf = [0u8; 64];
-    h.run_until("reply to client", |_| matches!(client.recv(&mut buf), Ok(5)));
+    h.run_until("reply to client", |_| {
+        matches!(client.recv(&mut buf), Ok(5))
+    });
     assert_eq!(&buf[..5], b"world");
 
     // TCP forward: host → guest:8000.
@@ -342,6 +350,84 @@ fn timer_fd_is_armed_for_smoltcp_deadlines() {
     h.run_until("established", |h| h.tcp(sock).may_send());
     // Idle established connection: nothing to do until an event.
     h.step();
-    assert!(h.net.poll_delay().is_none_or(|d| d > Duration::from_millis(1)));
+    assert!(h
+        .net
+        .poll_delay()
+        .is_none_or(|d| d > Duration::from_millis(1)));
     drop(listener);
+}
+
+#[test]
+fn flow_limit_resets_extra_connections() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cfg = config();
+    cfg.limits.max_tcp_flows = 1;
+    let mut h = Harness::new(cfg);
+    let alias = h.net.config().host_loopback_ip;
+    let a = h.tcp_socket();
+    let cx = h.iface.context();
+    h.sockets
+        .get_mut::<tcp::Socket>(a)
+        .connect(cx, (IpAddress::Ipv4(alias), port), 42000)
+        .unwrap();
+    h.run_until("first established", |h| h.tcp(a).may_send());
+    let b = h.tcp_socket();
+    let cx = h.iface.context();
+    h.sockets
+        .get_mut::<tcp::Socket>(b)
+        .connect(cx, (IpAddress::Ipv4(alias), port), 42001)
+        .unwrap();
+    h.run_until("second reset", |h| h.tcp(b).state() == tcp::State::Closed);
+    assert_eq!(h.net.stats().flow_limit, 1);
+    assert!(h.tcp(a).may_send());
+}
+
+#[test]
+fn full_tx_queue_does_not_spin() {
+    let mut cfg = config();
+    cfg.limits.max_tx_frames = 4;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut h = Harness::new(cfg);
+    let alias = h.net.config().host_loopback_ip;
+    let sock = h.tcp_socket();
+    let cx = h.iface.context();
+    h.sockets
+        .get_mut::<tcp::Socket>(sock)
+        .connect(cx, (IpAddress::Ipv4(alias), port), 42002)
+        .unwrap();
+    h.run_until("established", |h| h.tcp(sock).may_send());
+    // Deliver the guest's final ACK of the handshake.
+    h.step();
+    h.step();
+    let (mut server, _) = listener.accept().unwrap();
+    server.write_all(&vec![1u8; 60_000]).unwrap();
+    // The "guest" stops draining: the queue fills and the stack must not ask for a busy poll.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.net.pending_frames() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "queue never filled: {} {:?} {:?}",
+            h.net.pending_frames(),
+            h.net.stats(),
+            h.tcp(sock).state()
+        );
+        h.net.poll(Instant::now());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    h.net.poll(Instant::now());
+    assert!(h.net.poll_delay().is_none_or(|d| d > Duration::ZERO));
+    // Draining below half wakes the fd.
+    for _ in 0..3 {
+        h.net.transmit_frame().unwrap();
+    }
+    let mut pfd = libc::pollfd {
+        fd: h.net.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
+    assert_eq!(n, 1, "drain did not wake the netstack fd");
 }

@@ -149,12 +149,10 @@ impl NetStack {
                 Some(id) => *id,
                 None => {
                     let guest = SocketAddrV4::new(self.config.guest_ip, fwd.guest_port);
-                    match self.nat.insert_forwarded(
-                        Proto::Udp,
-                        self.config.gateway_ip,
-                        guest,
-                        now,
-                    ) {
+                    match self
+                        .nat
+                        .insert_forwarded(Proto::Udp, self.config.gateway_ip, guest, now)
+                    {
                         Ok((id, _)) => {
                             self.udp_clients.insert((idx, client), id);
                             self.udp.insert(
@@ -175,7 +173,9 @@ impl NetStack {
                 }
             };
             self.nat.touch(id, now);
-            let Some(key) = self.nat.key(id) else { continue };
+            let Some(key) = self.nat.key(id) else {
+                continue;
+            };
             let packet = build_udp(
                 key.peer,
                 key.guest,
@@ -279,7 +279,10 @@ impl NetStack {
         pkt.data_mut().copy_from_slice(data);
         pkt.fill_checksum();
         if let Some(f) = self.icmp.get(&id) {
-            if f.sock.send_to(&msg, SocketAddr::new(IpAddr::V4(dst), 0)).is_ok() {
+            if f.sock
+                .send_to(&msg, SocketAddr::new(IpAddr::V4(dst), 0))
+                .is_ok()
+            {
                 self.stats.icmp_echo += 1;
             }
         }
