@@ -734,3 +734,23 @@ fn wrong_queue_count_is_refused() {
     });
     assert!(res.is_err());
 }
+
+#[test]
+fn fits_the_vmm_wiring() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+    let cfg = VsockConfig {
+        guest_cid: 3,
+        listeners: vec![(listener, 1024)],
+        host_ports: vec![(5000, dir.path().join("h"))],
+    };
+    let dev = Arc::new(Mutex::new(Vsock::new(cfg).unwrap()));
+    // What the VMM does: the transport gets a `SharedDevice`, the event loop a subscriber.
+    let _transport_side: crate::virtio::SharedDevice = dev.clone();
+    let subscriber: Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>> = dev;
+    let mut em =
+        EventManager::<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>::new().unwrap();
+    em.add_subscriber(subscriber);
+    // Nothing is watched but the activate EventFd until the guest activates the device.
+    assert_eq!(em.run_with_timeout(0).unwrap(), 0);
+}
