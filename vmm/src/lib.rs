@@ -27,6 +27,7 @@ pub mod vm;
 pub use boot::loader::EntryPreference;
 pub use console::Console;
 pub use pvm::PvmMode;
+pub use devices::virtio::vsock::VsockConfig;
 pub use vm::{DiskConfig, Vm, VmBuilder, VmHandle};
 
 /// Why a VM stopped.

@@ -28,6 +28,8 @@ use devices::legacy::serial::{SerialDevice, SERIAL_PORT_COUNT};
 use devices::legacy::EventFdTrigger;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use devices::virtio::vsock::{Vsock, VsockConfig};
+use devices::virtio::SharedDevice;
 
 use crate::console::{Console, ConsoleWriter};
 use crate::pvm::PvmMode;
@@ -53,6 +55,7 @@ pub struct VmBuilder {
     vcpus: u8,
     memory: u64,
     disks: Vec<DiskConfig>,
+    vsock: Option<VsockConfig>,
     console: Console,
     entry: EntryPreference,
     pvm: PvmMode,
@@ -66,6 +69,7 @@ impl Default for VmBuilder {
             vcpus: 1,
             memory: 256 << 20,
             disks: Vec::new(),
+            vsock: None,
             console: Console::Stdout,
             entry: EntryPreference::default(),
             pvm: PvmMode::Auto,
@@ -101,6 +105,12 @@ impl VmBuilder {
     /// Attaches a disk; the first is `/dev/vda`.
     pub fn disk(mut self, disk: DiskConfig) -> Self {
         self.disks.push(disk);
+        self
+    }
+
+    /// Adds a virtio-vsock device whose host side is a unix-socket muxer.
+    pub fn vsock(mut self, vsock: VsockConfig) -> Self {
+        self.vsock = Some(vsock);
         self
     }
 
@@ -286,13 +296,21 @@ impl Vm {
         // Virtio devices, announced on the command line.
         let mut cmdline = String::from(BASE_CMDLINE);
         let mut transports = Vec::new();
-        for (index, disk) in cfg.disks.into_iter().enumerate() {
+        let mut virtio: Vec<(SharedDevice, Subscriber)> = Vec::new();
+        for disk in cfg.disks {
             let path = disk.path.clone();
             let block = Block::new(disk).map_err(|source| Error::Disk { path, source })?;
             let block = Arc::new(Mutex::new(block));
+            virtio.push((block.clone(), block));
+        }
+        if let Some(vsock) = cfg.vsock {
+            let vsock = Arc::new(Mutex::new(Vsock::new(vsock).map_err(|e| Error::Device(format!("vsock: {e}")))?));
+            virtio.push((vsock.clone(), vsock));
+        }
+        for (index, (device, subscriber)) in virtio.into_iter().enumerate() {
             let base = layout::virtio_mmio_window(index);
             let irq = layout::virtio_irq(index).ok_or(Error::TooManyDevices)?;
-            let transport = MmioTransport::new(mem.clone(), block.clone())
+            let transport = MmioTransport::new(mem.clone(), device)
                 .map_err(|e| Error::Device(format!("virtio-mmio: {e}")))?;
             vm.register_irqfd(transport.interrupt_evt(), irq).map_err(Error::Kvm)?;
             for (queue, evt) in transport.queue_evts().iter().enumerate() {
@@ -305,7 +323,7 @@ impl Vm {
                 &[Resource::MmioAddressRange { base, size: layout::VIRTIO_MMIO_SIZE }],
             )
             .map_err(|e| Error::Device(format!("virtio-mmio: {e:?}")))?;
-            events.add_subscriber(block);
+            events.add_subscriber(subscriber);
             transports.push(transport);
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
         }
