@@ -18,6 +18,7 @@
 //! line and the vCPUs' exit event. Interrupts reach the guest through KVM irqfds.
 
 pub mod console;
+pub mod daemon;
 pub mod fault;
 pub mod pvm;
 pub mod size;

@@ -1,5 +1,7 @@
 //! The `dinv` command.
 //!
+//! `dinv` (no subcommand) is the daemon: it boots the docker guest and serves the docker API
+//! on a host unix socket (see `dinv_vmm::daemon`).
 //! `dinv boot` runs the VMM alone: boot a kernel with disks and a console, exit when the guest
 //! does (0 when it powered off cleanly, 1 on panic or fault, 2 on bad options).
 
@@ -10,8 +12,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use dinv_vmm::{Console, DiskConfig, EntryPreference, PvmMode, Vm};
 
 #[derive(Parser, Debug)]
-#[command(name = "dinv", version, about = "Docker in a microVM: one unprivileged process, only /dev/kvm")]
+#[command(
+    name = "dinv",
+    version,
+    about = "Docker in a microVM: one unprivileged process, only /dev/kvm",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(flatten)]
+    daemon: DaemonArgs,
     /// Log level (error, warn, info, debug, trace).
     #[arg(long, env = "DINV_LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,
@@ -23,6 +32,46 @@ struct Cli {
 enum Command {
     /// Boot a kernel under the VMM (no docker): for kernels, images and tests.
     Boot(BootArgs),
+}
+
+#[derive(Args, Debug)]
+struct DaemonArgs {
+    /// Number of vCPUs.
+    #[arg(long, env = "DINV_CPUS", default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory (K/M/G suffixes).
+    #[arg(long, env = "DINV_MEMORY", default_value = "512M")]
+    memory: String,
+    /// Size of the docker disk (sparse; K/M/G suffixes).
+    #[arg(long, env = "DINV_DOCKER_SIZE", default_value = "64G")]
+    docker_size: String,
+    /// Docker disk image (created when missing; persists images and containers).
+    #[arg(long, env = "DINV_DOCKER_IMAGE", default_value = "/docker/docker.img")]
+    docker_image: PathBuf,
+    /// Unix socket serving the docker API.
+    #[arg(long, env = "DINV_DOCKER_SOCK", default_value = "/var/run/docker.sock")]
+    docker_sock: PathBuf,
+    /// Owner (uid) of the docker socket.
+    #[arg(long, env = "DINV_DOCKER_SOCK_UID")]
+    docker_sock_uid: Option<u32>,
+    /// Group (gid) of the docker socket.
+    #[arg(long, env = "DINV_DOCKER_SOCK_GID")]
+    docker_sock_gid: Option<u32>,
+    /// Seconds dockerd gets to stop on shutdown.
+    #[arg(long, env = "DINV_SHUTDOWN_TIMEOUT", default_value_t = 5)]
+    shutdown_timeout: u64,
+    /// Guest kernel.
+    #[arg(long, env = "DINV_KERNEL", default_value = "/usr/lib/dinv/vmlinux")]
+    kernel: PathBuf,
+    /// Guest root filesystem image.
+    #[arg(long, env = "DINV_ROOTFS", default_value = "/usr/lib/dinv/rootfs.ext4")]
+    rootfs: PathBuf,
+    /// Write the guest console here instead of stderr.
+    #[arg(long, env = "DINV_CONSOLE_LOG")]
+    console_log: Option<PathBuf>,
+    /// Extra guest kernel parameters.
+    #[arg(long, env = "DINV_CMDLINE", default_value = "")]
+    cmdline: String,
 }
 
 #[derive(Args, Debug)]
@@ -111,6 +160,32 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    let size = |name: &str, v: &str| dinv_vmm::size::parse_size(v).map_err(|e| anyhow::anyhow!("{name}: {e}"));
+    let cfg = dinv_vmm::daemon::DaemonConfig {
+        memory: size("DINV_MEMORY", &args.memory)?,
+        docker_size: size("DINV_DOCKER_SIZE", &args.docker_size)?,
+        kernel: args.kernel,
+        rootfs: args.rootfs,
+        docker_image: args.docker_image,
+        docker_sock: args.docker_sock,
+        docker_sock_uid: args.docker_sock_uid,
+        docker_sock_gid: args.docker_sock_gid,
+        cpus: args.cpus,
+        shutdown_timeout: args.shutdown_timeout,
+        console_log: args.console_log,
+        extra_cmdline: args.cmdline,
+    };
+    let exit = dinv_vmm::daemon::run(cfg)?;
+    if exit.is_clean() {
+        tracing::info!("{exit}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("dinv: {exit}");
+        Ok(ExitCode::from(1))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -120,7 +195,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Boot(args)) => boot(args),
-        None => Err(anyhow::anyhow!("the docker daemon mode is not built yet; use `dinv boot`")),
+        None => daemon(cli.daemon),
     };
     match result {
         Ok(code) => code,

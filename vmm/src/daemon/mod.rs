@@ -1,0 +1,295 @@
+//! `dinv` as a daemon: boot the docker guest, serve the docker API on a host unix socket,
+//! report readiness, and shut down gracefully on SIGTERM/SIGINT.
+//!
+//! Data path: host docker CLI → unix socket (listened on by the vsock muxer) → virtio-vsock →
+//! guest port [`control::DOCKER_PORT`] → guest agent → `/run/docker.sock` → dockerd.
+//! Control path: guest agent → host port [`control::CONTROL_PORT`] → a private unix socket
+//! served by [`control::AgentLink`] (readiness, shutdown requests).
+//!
+//! Signals: the first SIGTERM/SIGINT asks the agent to shut down (it stops dockerd within
+//! `shutdown_timeout`, syncs, unmounts and powers off); if the guest is not gone after the
+//! timeout plus [`SHUTDOWN_MARGIN`], or a second signal arrives, the VM is stopped hard. A hard
+//! stop loses at most writes the guest never flushed: every virtio-blk flush is an fdatasync.
+
+pub mod control;
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::{Console, DiskConfig, Vm, VmExit, VsockConfig};
+use control::{AgentEvent, AgentLink, CONTROL_PORT, DOCKER_PORT};
+
+/// Extra time, beyond the guest's own shutdown timeout, for the guest to sync, unmount and
+/// power off (PVM hosts are slow) before the VM is stopped hard.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(60);
+/// Guest context ID (host is 2).
+pub const GUEST_CID: u64 = 3;
+
+/// What the daemon needs to know.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Guest kernel (vmlinux or bzImage).
+    pub kernel: PathBuf,
+    /// Guest root filesystem image (read-only).
+    pub rootfs: PathBuf,
+    /// Docker disk image (sparse; created when missing).
+    pub docker_image: PathBuf,
+    /// Size of a newly created docker disk, in bytes.
+    pub docker_size: u64,
+    /// Host unix socket serving the docker API.
+    pub docker_sock: PathBuf,
+    /// Owner of the docker socket.
+    pub docker_sock_uid: Option<u32>,
+    /// Group of the docker socket.
+    pub docker_sock_gid: Option<u32>,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// Seconds dockerd gets to stop.
+    pub shutdown_timeout: u64,
+    /// Guest console destination (None: the daemon's stderr).
+    pub console_log: Option<PathBuf>,
+    /// Extra kernel parameters.
+    pub extra_cmdline: String,
+}
+
+/// Errors that stop the daemon before the guest runs.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// An input file is missing.
+    #[error("{what} {path} is not readable: {source}")]
+    Input {
+        /// Which input.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The docker disk could not be created.
+    #[error("Cannot create docker disk {path}: {source}")]
+    DockerDisk {
+        /// Image path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A socket could not be set up.
+    #[error("Cannot listen on {path}: {source}")]
+    Socket {
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Signal handling could not be installed.
+    #[error("Signal handling: {0}")]
+    Signals(io::Error),
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] crate::Error),
+}
+
+/// Creates the sparse docker disk if missing, or grows it to `size` (never shrinks).
+pub fn prepare_docker_disk(path: &Path, size: u64) -> io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)?;
+    }
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    if file.metadata()?.len() < size {
+        file.set_len(size)?;
+    }
+    Ok(())
+}
+
+/// Binds a unix socket at `path`, replacing a stale socket file (one nobody answers on).
+pub fn bind_socket(path: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<UnixListener> {
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, "another daemon is serving it"));
+        }
+        fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::chown(path, uid, gid)?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+fn readable(what: &'static str, path: &Path) -> Result<(), DaemonError> {
+    fs::File::open(path).map(drop).map_err(|source| DaemonError::Input {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Runs the daemon until the guest ends. Returns how it ended.
+pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
+    let started = Instant::now();
+    readable("kernel", &cfg.kernel)?;
+    readable("root filesystem", &cfg.rootfs)?;
+    prepare_docker_disk(&cfg.docker_image, cfg.docker_size).map_err(|source| DaemonError::DockerDisk {
+        path: cfg.docker_image.clone(),
+        source,
+    })?;
+
+    let runtime = tempfile::Builder::new()
+        .prefix("dinv-")
+        .tempdir()
+        .map_err(|source| DaemonError::Socket { path: std::env::temp_dir(), source })?;
+    let control_path = runtime.path().join("control.sock");
+    let control = UnixListener::bind(&control_path).map_err(|source| DaemonError::Socket {
+        path: control_path.clone(),
+        source,
+    })?;
+    let docker = bind_socket(&cfg.docker_sock, cfg.docker_sock_uid, cfg.docker_sock_gid)
+        .map_err(|source| DaemonError::Socket { path: cfg.docker_sock.clone(), source })?;
+
+    let console = match &cfg.console_log {
+        Some(path) => Console::File(path.clone()),
+        None => Console::Writer(Box::new(io::stderr())),
+    };
+    let cmdline = format!(
+        "root=/dev/vda ro init=/sbin/dinv-agent dinv.docker_disk=/dev/vdb dinv.shutdown_timeout={} {}",
+        cfg.shutdown_timeout, cfg.extra_cmdline
+    );
+    let mut root = DiskConfig::new(&cfg.rootfs);
+    root.read_only = true;
+    let vm = Vm::builder()
+        .kernel(&cfg.kernel)
+        .cmdline(cmdline.trim_end())
+        .vcpus(cfg.cpus)
+        .memory(cfg.memory)
+        .disk(root)
+        .disk(DiskConfig::new(&cfg.docker_image))
+        .vsock(VsockConfig {
+            guest_cid: GUEST_CID,
+            listeners: vec![(docker, DOCKER_PORT)],
+            host_ports: vec![(CONTROL_PORT, control_path)],
+        })
+        .console(console)
+        .build()?;
+    let handle = vm.handle();
+
+    // Control channel: readiness and shutdown.
+    let link = AgentLink::default();
+    {
+        let link = link.clone();
+        let sock = cfg.docker_sock.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                link.serve(control, move |event| match event {
+                    AgentEvent::Hello(v) => tracing::info!("guest agent connected ({v})"),
+                    AgentEvent::Ready => {
+                        println!(
+                            "dinv: docker API ready at unix://{} ({:.1}s)",
+                            sock.display(),
+                            started.elapsed().as_secs_f64()
+                        );
+                        let _ = io::stdout().flush();
+                    }
+                    AgentEvent::Stopping => tracing::info!("guest is shutting down"),
+                    AgentEvent::Error(e) => tracing::error!("guest: {e}"),
+                    AgentEvent::Unknown(l) => tracing::debug!("guest agent said {l:?}"),
+                })
+            })
+            .map_err(DaemonError::Signals)?;
+    }
+
+    // Signals: graceful, then hard.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let signals_handle = signals.handle();
+    let shutdown_timeout = Duration::from_secs(cfg.shutdown_timeout);
+    let stopping = Arc::new(AtomicBool::new(false));
+    {
+        let (link, handle, stopping) = (link.clone(), handle.clone(), stopping.clone());
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if stopping.swap(true, Ordering::SeqCst) {
+                        tracing::warn!("second signal ({signal}): stopping the VM now");
+                        handle.stop();
+                        continue;
+                    }
+                    if !link.request_shutdown() {
+                        tracing::warn!("signal {signal} before the guest agent connected: stopping the VM now");
+                        handle.stop();
+                        continue;
+                    }
+                    tracing::info!("signal {signal}: asking the guest to shut down (timeout {}s)", shutdown_timeout.as_secs());
+                    let handle = handle.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(shutdown_timeout + SHUTDOWN_MARGIN);
+                        tracing::warn!("guest did not power off in time: stopping the VM");
+                        handle.stop();
+                    });
+                }
+            })
+            .map_err(DaemonError::Signals)?;
+    }
+
+    let exit = vm.run();
+    signals_handle.close();
+    let _ = fs::remove_file(&cfg.docker_sock);
+    let exit = exit?;
+    // A hard stop requested by a signal is still the shutdown the user asked for.
+    Ok(match exit {
+        VmExit::Stopped if stopping.load(Ordering::SeqCst) => VmExit::Reset,
+        other => other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_disk_is_sparse_and_never_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("sub/docker.img");
+        prepare_docker_disk(&img, 1 << 30).unwrap();
+        let meta = fs::metadata(&img).unwrap();
+        assert_eq!(meta.len(), 1 << 30);
+        assert!(std::os::unix::fs::MetadataExt::blocks(&meta) < 64, "sparse");
+        prepare_docker_disk(&img, 1 << 20).unwrap();
+        assert_eq!(fs::metadata(&img).unwrap().len(), 1 << 30);
+        prepare_docker_disk(&img, 2 << 30).unwrap();
+        assert_eq!(fs::metadata(&img).unwrap().len(), 2 << 30);
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_live_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docker.sock");
+        let live = bind_socket(&path, None, None).unwrap();
+        assert!(bind_socket(&path, None, None).is_err(), "someone answers there");
+        drop(live);
+        let _again = bind_socket(&path, None, None).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        let file = dir.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(bind_socket(&file, None, None).is_err(), "not a socket: left alone");
+    }
+}
