@@ -195,12 +195,15 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
     {
         let link = link.clone();
         let sock = cfg.docker_sock.clone();
+        let mut announced = false;
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
                 link.serve(control, move |event| match event {
                     AgentEvent::Hello(v) => tracing::info!("guest agent connected ({v})"),
-                    AgentEvent::Ready => {
+                    // The agent replays `ready` when it reconnects: announce once.
+                    AgentEvent::Ready if !announced => {
+                        announced = true;
                         println!(
                             "dinv: docker API ready at unix://{} ({:.1}s)",
                             sock.display(),
@@ -208,6 +211,7 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
                         );
                         let _ = io::stdout().flush();
                     }
+                    AgentEvent::Ready => {}
                     AgentEvent::Stopping => tracing::info!("guest is shutting down"),
                     AgentEvent::Error(e) => tracing::error!("guest: {e}"),
                     AgentEvent::Unknown(l) => tracing::debug!("guest agent said {l:?}"),
