@@ -23,6 +23,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod p9;
 pub mod vsock;
 
 use std::fmt;
