@@ -23,6 +23,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod p9;
 pub mod vsock;
 
