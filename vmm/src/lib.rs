@@ -28,6 +28,8 @@ pub mod vm;
 pub use boot::loader::EntryPreference;
 pub use console::Console;
 pub use pvm::PvmMode;
+pub use devices::virtio::net::NetConfig;
+pub use devices::virtio::p9::P9Config;
 pub use devices::virtio::vsock::VsockConfig;
 pub use vm::{DiskConfig, Vm, VmBuilder, VmHandle};
 

@@ -28,6 +28,8 @@ use devices::legacy::serial::{SerialDevice, SERIAL_PORT_COUNT};
 use devices::legacy::EventFdTrigger;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use devices::virtio::net::{Net, NetConfig};
+use devices::virtio::p9::{P9Config, P9Device};
 use devices::virtio::vsock::{Vsock, VsockConfig};
 use devices::virtio::SharedDevice;
 
@@ -35,6 +37,8 @@ use crate::console::{Console, ConsoleWriter};
 use crate::pvm::PvmMode;
 use crate::vcpu::{vcpu_kick_signal, ExitState, Vcpu};
 use crate::{Error, Result, VmExit};
+
+// Virtio devices get windows and IRQs in this order: disks, vsock, net, 9p shares.
 
 /// Where KVM on Intel puts the real-mode TSS (three pages just below the BIOS area).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -56,6 +60,8 @@ pub struct VmBuilder {
     memory: u64,
     disks: Vec<DiskConfig>,
     vsock: Option<VsockConfig>,
+    net: Option<NetConfig>,
+    shares: Vec<P9Config>,
     console: Console,
     entry: EntryPreference,
     pvm: PvmMode,
@@ -70,6 +76,8 @@ impl Default for VmBuilder {
             memory: 256 << 20,
             disks: Vec::new(),
             vsock: None,
+            net: None,
+            shares: Vec::new(),
             console: Console::Stdout,
             entry: EntryPreference::default(),
             pvm: PvmMode::Auto,
@@ -111,6 +119,18 @@ impl VmBuilder {
     /// Adds a virtio-vsock device whose host side is a unix-socket muxer.
     pub fn vsock(mut self, vsock: VsockConfig) -> Self {
         self.vsock = Some(vsock);
+        self
+    }
+
+    /// Adds a virtio-net device (the guest's `eth0`) over `net`'s backend, e.g. the netstack.
+    pub fn net(mut self, net: NetConfig) -> Self {
+        self.net = Some(net);
+        self
+    }
+
+    /// Shares a host directory over virtio-9p under the mount tag in `share`.
+    pub fn share(mut self, share: P9Config) -> Self {
+        self.shares.push(share);
         self
     }
 
@@ -316,6 +336,16 @@ impl Vm {
         if let Some(vsock) = cfg.vsock {
             let vsock = Arc::new(Mutex::new(Vsock::new(vsock).map_err(|e| Error::Device(format!("vsock: {e}")))?));
             virtio.push((vsock.clone(), vsock));
+        }
+        if let Some(net) = cfg.net {
+            let net = Arc::new(Mutex::new(Net::new(net).map_err(|e| Error::Device(format!("virtio-net: {e}")))?));
+            virtio.push((net.clone(), net));
+        }
+        for share in cfg.shares {
+            let tag = share.tag.clone();
+            let dev = P9Device::new(share).map_err(|e| Error::Device(format!("virtio-9p {tag}: {e}")))?;
+            let dev = Arc::new(Mutex::new(dev));
+            virtio.push((dev.clone(), dev));
         }
         for (index, (device, subscriber)) in virtio.into_iter().enumerate() {
             let base = layout::virtio_mmio_window(index);
