@@ -1,0 +1,129 @@
+//! Starting containerd and dockerd with their output on the console, and the command lines used.
+//!
+//! Each daemon's stdout and stderr share one pipe; a thread per daemon forwards complete lines to
+//! the console as `[t] <name>: <line>`. Children are not waited on here: PID 1's main loop reaps
+//! every child (`waitpid(-1)`) and matches pids. Nothing is restarted automatically.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+
+use crate::config::Config;
+
+/// containerd's API socket.
+pub const CONTAINERD_SOCK: &str = "/run/containerd/containerd.sock";
+/// dockerd's API socket, the target of the vsock proxy.
+pub const DOCKER_SOCK: &str = "/run/docker.sock";
+
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid 2-element array for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created by pipe2 and are owned only here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Spawns `program args` with output forwarded to the console under `name`. Returns the pid.
+pub fn spawn(name: &'static str, program: &str, args: &[String]) -> std::io::Result<libc::pid_t> {
+    let (rd, wr) = pipe()?;
+    let wr2 = wr.try_clone()?;
+    let child = Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", PATH)
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(wr))
+        .stderr(Stdio::from(wr2))
+        .spawn()?;
+    let pid = child.id() as libc::pid_t;
+    // Dropping `child` neither kills nor waits; the main loop reaps the pid.
+    drop(child);
+    let reader = std::fs::File::from(rd);
+    std::thread::Builder::new()
+        .name(format!("log-{name}"))
+        .spawn(move || {
+            let mut r = BufReader::new(reader);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&buf);
+                        crate::log::line(name, text.trim_end_matches(['\n', '\r']));
+                    }
+                }
+            }
+        })?;
+    Ok(pid)
+}
+
+/// containerd's arguments.
+pub fn containerd_args(cfg: &Config) -> Vec<String> {
+    let mut a = vec![
+        "--config".to_string(),
+        "/etc/containerd/config.toml".to_string(),
+    ];
+    a.push("--address".into());
+    a.push(CONTAINERD_SOCK.into());
+    if cfg.debug {
+        a.push("--log-level".into());
+        a.push("debug".into());
+    }
+    a
+}
+
+/// dockerd's arguments. Without a configured eth0 there is no bridge and no iptables.
+pub fn dockerd_args(cfg: &Config, network: bool) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        format!("--host=unix://{DOCKER_SOCK}"),
+        format!("--containerd={CONTAINERD_SOCK}"),
+        format!("--storage-driver={}", cfg.storage_driver),
+        "--data-root=/var/lib/docker".into(),
+        "--exec-root=/run/docker".into(),
+        "--pidfile=/run/docker.pid".into(),
+        // Containers get a little less than the agent's own grace period.
+        format!(
+            "--shutdown-timeout={}",
+            cfg.shutdown_timeout.saturating_sub(1).max(1)
+        ),
+    ];
+    if !network {
+        a.extend(["--bridge=none", "--iptables=false", "--ip-masq=false"].map(String::from));
+    }
+    for r in &cfg.insecure_registries {
+        a.push(format!("--insecure-registry={r}"));
+    }
+    if cfg.debug {
+        a.push("--debug".into());
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dockerd_flags() {
+        let (cfg, _) =
+            Config::parse("dinv.insecure_registry=10.0.2.2:5000 dinv.shutdown_timeout=10");
+        let a = dockerd_args(&cfg, false);
+        assert!(a.contains(&"--host=unix:///run/docker.sock".to_string()));
+        assert!(a.contains(&"--storage-driver=overlay2".to_string()));
+        assert!(a.contains(&"--bridge=none".to_string()));
+        assert!(a.contains(&"--iptables=false".to_string()));
+        assert!(a.contains(&"--insecure-registry=10.0.2.2:5000".to_string()));
+        assert!(a.contains(&"--shutdown-timeout=9".to_string()));
+        let a = dockerd_args(&cfg, true);
+        assert!(!a
+            .iter()
+            .any(|x| x.starts_with("--bridge") || x.starts_with("--iptables")));
+    }
+}
