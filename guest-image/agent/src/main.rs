@@ -429,8 +429,9 @@ impl Agent {
             if left.is_empty() {
                 break;
             }
-            if start.elapsed() >= Duration::from_secs(10) {
-                info!("processes still alive after SIGKILL: {left:?}");
+            if start.elapsed() >= Duration::from_secs(5) {
+                let left: Vec<String> = left.into_iter().map(sys::describe_pid).collect();
+                info!("still exiting after SIGKILL: {}", left.join(", "));
                 break;
             }
             sys::wait_signal(Duration::from_millis(50));
@@ -445,7 +446,7 @@ impl Agent {
             if busy == 0 {
                 "all filesystems unmounted".to_string()
             } else {
-                format!("{busy} busy, remounted read-only")
+                format!("{busy} busy: remounted read-only or frozen")
             }
         );
         info!("powering off");

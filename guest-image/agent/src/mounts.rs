@@ -211,23 +211,27 @@ pub fn unmount_order(entries: &[MountEntry]) -> Vec<String> {
 }
 
 /// Unmounts every storage-backed mount (innermost first). A mount that stays busy is remounted
-/// read-only so its filesystem is clean. Returns how many could not be unmounted.
+/// read-only, or failing that frozen (`FIFREEZE`: ext4 flushes its journal and clears
+/// `needs_recovery`, so the disk image is clean even though a process still holds a file open —
+/// process exit is slow on PVM). Returns how many could not be unmounted.
 pub fn unmount_all() -> usize {
     let text = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let mut failed = 0;
     for target in unmount_order(&parse_mounts(&text)) {
         let path = Path::new(&target);
-        match crate::sys::umount(path, 0) {
-            Ok(()) => crate::debug!("unmounted {target}"),
-            Err(e) => {
-                let ro = mount(None, path, "", libc::MS_REMOUNT | libc::MS_RDONLY, None);
-                crate::info!(
-                    "unmount {target}: {e}; remount read-only: {}",
-                    ro.map_or_else(|e| e.to_string(), |_| "ok".into())
-                );
-                failed += 1;
-            }
-        }
+        let Err(e) = crate::sys::umount(path, 0) else {
+            crate::debug!("unmounted {target}");
+            continue;
+        };
+        failed += 1;
+        let fallback = match mount(None, path, "", libc::MS_REMOUNT | libc::MS_RDONLY, None) {
+            Ok(()) => "remounted read-only".to_string(),
+            Err(_) => match crate::sys::freeze(path) {
+                Ok(()) => "frozen (journal flushed)".to_string(),
+                Err(fe) => format!("cannot remount read-only or freeze: {fe}"),
+            },
+        };
+        crate::info!("unmount {target}: {e}; {fallback}");
     }
     failed
 }

@@ -196,11 +196,30 @@ pub fn interface_up(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// `FIFREEZE` (`_IOWR('X', 119, int)`).
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+
+/// Freezes the filesystem mounted at `path` (flushes it; ext4 also flushes its journal and marks
+/// itself clean on disk). Never thawed: used just before power-off.
+pub fn freeze(path: &Path) -> io::Result<()> {
+    let dir = std::fs::File::open(path)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid fd; FIFREEZE takes an (ignored) int argument.
+    cvt(unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE as _, 0) })?;
+    Ok(())
+}
+
 /// Parses the parent pid out of a `/proc/<pid>/stat` line (the command may contain spaces and
 /// parentheses, so fields are counted after the last `)`).
 pub fn stat_ppid(stat: &str) -> Option<libc::pid_t> {
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `pid (comm)` for log lines.
+pub fn describe_pid(pid: libc::pid_t) -> String {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    format!("{pid} ({})", comm.trim())
 }
 
 /// Pids of all user-space processes other than PID 1 (kernel threads — pid 2 and its children —
