@@ -22,9 +22,12 @@
 //!   Tests use [`RecordingInterrupt`] instead.
 
 pub mod block;
+mod device_common;
 pub mod mmio;
 pub mod net;
 pub mod p9;
+#[cfg(test)]
+pub(crate) mod test_utils;
 pub mod vsock;
 
 use std::fmt;

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::mem::offset_of;
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, error, warn};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
@@ -22,19 +22,19 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::request::complete_invalid;
 use super::{
     BlockConfig, BlockError, BlockMetrics, Disk, Request, RequestContext, DISCARD_SECTOR_ALIGNMENT,
     MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SIZE,
 };
+use crate::virtio::device_common::{read_config, DeviceState, ACTIVATE_TOKEN};
 use crate::virtio::{
     feature, ActivateError, ActivationContext, InterruptType, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
-const ACTIVATE_TOKEN: u32 = 0;
 const QUEUE_TOKEN: u32 = 1;
 
 #[derive(Debug)]
@@ -48,14 +48,9 @@ struct ActiveState {
 #[derive(Debug)]
 pub struct Block {
     disk: Disk,
-    avail_features: u64,
-    acked_features: u64,
+    state: DeviceState<1>,
     config_space: Vec<u8>,
-    queue_sizes: [u16; 1],
-    queue_evts: [EventFd; 1],
-    activate_evt: EventFd,
     active: Option<ActiveState>,
-    queue_evts_registered: bool,
     metrics: Arc<BlockMetrics>,
 }
 
@@ -92,14 +87,10 @@ impl Block {
         let config_space = build_config_space(&disk, queue_size);
         Ok(Self {
             disk,
-            avail_features,
-            acked_features: 0,
+            state: DeviceState::new("virtio-blk", avail_features, [queue_size])
+                .map_err(BlockError::EventFd)?,
             config_space,
-            queue_sizes: [queue_size],
-            queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
             active: None,
-            queue_evts_registered: false,
             metrics: Arc::new(BlockMetrics::default()),
         })
     }
@@ -116,7 +107,7 @@ impl Block {
 
     /// Features the driver accepted.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.state.acked_features
     }
 
     /// Whether the guest activated the device (and has not reset it since).
@@ -127,8 +118,8 @@ impl Block {
     fn request_context(&self) -> RequestContext {
         RequestContext {
             capacity_sectors: self.disk.capacity_sectors(),
-            discard: self.acked_features & feature(VIRTIO_BLK_F_DISCARD) != 0,
-            write_zeroes: self.acked_features & feature(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+            discard: self.state.has_feature(VIRTIO_BLK_F_DISCARD),
+            write_zeroes: self.state.has_feature(VIRTIO_BLK_F_WRITE_ZEROES),
         }
     }
 
@@ -193,31 +184,21 @@ impl Block {
     }
 
     fn handle_activate_event(&mut self, ops: &mut EventOps) {
-        if let Err(e) = self.activate_evt.read() {
-            warn!("virtio-blk: activate event read failed: {e}");
-        }
+        self.state.read_activate_evt();
         if self.active.is_none() {
             return;
         }
-        if !self.queue_evts_registered {
-            for (i, evt) in self.queue_evts.iter().enumerate() {
-                // `i` < 1: the token cannot overflow.
-                let token = QUEUE_TOKEN + i as u32;
-                if let Err(e) = ops.add(Events::with_data(evt, token, EventSet::IN)) {
-                    error!("virtio-blk: cannot register queue event: {e}");
-                    return;
-                }
-            }
-            self.queue_evts_registered = true;
+        if !self.state.register_queue_evts(ops, QUEUE_TOKEN) {
+            return;
         }
         // Requests may have been queued before the queue event was registered.
-        for idx in 0..self.queue_evts.len() {
+        for idx in 0..self.state.queue_evts.len() {
             self.process_queue(idx);
         }
     }
 
     fn handle_queue_event(&mut self, idx: usize) {
-        let Some(evt) = self.queue_evts.get(idx) else {
+        let Some(evt) = self.state.queue_evts.get(idx) else {
             warn!(idx, "virtio-blk: event for unknown queue");
             return;
         };
@@ -236,33 +217,19 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        &self.state.queue_sizes
     }
 
     fn avail_features(&self) -> u64 {
-        self.avail_features
+        self.state.avail_features
     }
 
     fn ack_features(&mut self, features: u64) {
-        let unknown = features & !self.avail_features;
-        if unknown != 0 {
-            warn!(
-                unknown,
-                "virtio-blk: driver acked features that were not offered"
-            );
-        }
-        self.acked_features = features & self.avail_features;
+        self.state.ack_features(features);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = &self.config_space;
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        let n = end - start;
-        data[..n].copy_from_slice(&config[start..end]);
-        data[n..].fill(0);
+        read_config(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -271,18 +238,8 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if ctx.queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                actual: ctx.queues.len(),
-            });
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
+        self.state.check_activation(self.active.is_some(), &ctx)?;
+        self.state.signal_activation()?;
         self.active = Some(ActiveState {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
@@ -296,24 +253,18 @@ impl VirtioDevice for Block {
         // The queue EventFd stays registered; events for an inactive device are drained
         // and ignored.
         self.active = None;
-        self.acked_features = 0;
+        self.state.acked_features = 0;
         true
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        &self.state.queue_evts
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            ACTIVATE_TOKEN,
-            EventSet::IN,
-        )) {
-            error!("virtio-blk: cannot register the activate event: {e}");
-        }
+        self.state.register_activate_evt(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {

@@ -29,22 +29,25 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::frame::{fill_l4_checksum, write_frame, NetHeader, RxChain, TxFrame};
 use super::{
     NetBackend, NetConfig, NetError, NetMetrics, ETH_HLEN, HDR_LEN, MAX_MTU, MIN_MTU, NUM_QUEUES,
     QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VLAN_HLEN,
 };
+use crate::virtio::device_common::{read_config, DeviceState, ACTIVATE_TOKEN};
 use crate::virtio::{
     feature, ActivateError, ActivationContext, InterruptType, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
-const ACTIVATE_TOKEN: u32 = 0;
 const RX_TOKEN: u32 = 1;
 const TX_TOKEN: u32 = 2;
 const BACKEND_TOKEN: u32 = 3;
+// The queue EventFds are registered with token `RX_TOKEN + queue index`.
+const _: () =
+    assert!(RX_TOKEN + RX_QUEUE as u32 == RX_TOKEN && RX_TOKEN + TX_QUEUE as u32 == TX_TOKEN);
 /// Poll the backend at least this often during a long tx batch, so its input queue (the
 /// netstack holds 1024 frames) never overflows.
 const TX_POLL_EVERY: usize = 256;
@@ -74,13 +77,9 @@ pub struct Net {
     mac: [u8; 6],
     mtu: u16,
     backend: Box<dyn NetBackend + Send>,
-    acked_features: u64,
-    queue_sizes: [u16; NUM_QUEUES],
-    queue_evts: [EventFd; NUM_QUEUES],
-    activate_evt: EventFd,
+    state: DeviceState<NUM_QUEUES>,
     active: Option<ActiveState>,
     reset_pending: bool,
-    queue_evts_registered: bool,
     backend_fd_registered: Option<RawFd>,
     tx_buf: Vec<u8>,
     rx_bufs: Vec<RxChain>,
@@ -108,18 +107,23 @@ impl Net {
                 });
             }
         }
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
+        let avail_features = feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_NET_F_MAC)
+            | feature(VIRTIO_NET_F_MTU)
+            | feature(VIRTIO_NET_F_STATUS)
+            | feature(VIRTIO_NET_F_CSUM)
+            | feature(VIRTIO_NET_F_GUEST_CSUM)
+            | feature(VIRTIO_NET_F_MRG_RXBUF);
         Ok(Self {
             mac,
             mtu,
             backend,
-            acked_features: 0,
-            queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
-            queue_evts: [evt()?, evt()?],
-            activate_evt: evt()?,
+            state: DeviceState::new("virtio-net", avail_features, [QUEUE_SIZE; NUM_QUEUES])
+                .map_err(NetError::EventFd)?,
             active: None,
             reset_pending: false,
-            queue_evts_registered: false,
             backend_fd_registered: None,
             tx_buf: Vec::new(),
             rx_bufs: Vec::new(),
@@ -141,7 +145,7 @@ impl Net {
 
     /// The features the driver accepted.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.state.acked_features
     }
 
     /// The device's counters.
@@ -162,10 +166,6 @@ impl Net {
     /// Largest frame accepted from the guest or delivered to it: MTU + ethernet + one VLAN tag.
     fn max_frame(&self) -> usize {
         usize::from(self.mtu) + ETH_HLEN + VLAN_HLEN
-    }
-
-    fn has_feature(&self, bit: u32) -> bool {
-        self.acked_features & feature(bit) != 0
     }
 
     /// Take frames from the tx queue and hand them to the backend. Returns whether any was
@@ -239,8 +239,8 @@ impl Net {
     /// was used.
     pub fn process_rx(&mut self) -> bool {
         let max_frame = self.max_frame();
-        let mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF);
-        let data_valid = self.has_feature(VIRTIO_NET_F_GUEST_CSUM);
+        let mergeable = self.state.has_feature(VIRTIO_NET_F_MRG_RXBUF);
+        let data_valid = self.state.has_feature(VIRTIO_NET_F_GUEST_CSUM);
         let fill_csum = !data_valid && !self.backend.computes_checksums();
         let Some(active) = self.active.as_mut() else {
             return false;
@@ -351,9 +351,7 @@ impl Net {
     }
 
     fn handle_activate_event(&mut self, ops: &mut EventOps) {
-        if let Err(e) = self.activate_evt.read() {
-            warn!("virtio-net: activate event read failed: {e}");
-        }
+        self.state.read_activate_evt();
         if std::mem::take(&mut self.reset_pending) && self.active.is_none() {
             if let Some(fd) = self.backend_fd_registered.take() {
                 if let Err(e) = ops.remove(backend_events(fd)) {
@@ -365,16 +363,9 @@ impl Net {
         if self.active.is_none() {
             return;
         }
-        if !self.queue_evts_registered {
-            let tokens = [RX_TOKEN, TX_TOKEN];
-            for (evt, token) in self.queue_evts.iter().zip(tokens) {
-                if let Err(e) = ops.add(Events::with_data(evt, token, EventSet::IN)) {
-                    error!("virtio-net: cannot register queue event: {e}");
-                    NetMetrics::inc(&self.metrics.queue_errors);
-                    return;
-                }
-            }
-            self.queue_evts_registered = true;
+        if !self.state.register_queue_evts(ops, RX_TOKEN) {
+            NetMetrics::inc(&self.metrics.queue_errors);
+            return;
         }
         if self.backend_fd_registered.is_none() {
             if let Some(fd) = self.backend.fd() {
@@ -393,7 +384,7 @@ impl Net {
     }
 
     fn handle_queue_event(&mut self, idx: usize) {
-        let Some(evt) = self.queue_evts.get(idx) else {
+        let Some(evt) = self.state.queue_evts.get(idx) else {
             warn!(idx, "virtio-net: event for unknown queue");
             return;
         };
@@ -493,30 +484,15 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        &self.state.queue_sizes
     }
 
     fn avail_features(&self) -> u64 {
-        feature(VIRTIO_F_VERSION_1)
-            | feature(VIRTIO_RING_F_INDIRECT_DESC)
-            | feature(VIRTIO_RING_F_EVENT_IDX)
-            | feature(VIRTIO_NET_F_MAC)
-            | feature(VIRTIO_NET_F_MTU)
-            | feature(VIRTIO_NET_F_STATUS)
-            | feature(VIRTIO_NET_F_CSUM)
-            | feature(VIRTIO_NET_F_GUEST_CSUM)
-            | feature(VIRTIO_NET_F_MRG_RXBUF)
+        self.state.avail_features
     }
 
     fn ack_features(&mut self, features: u64) {
-        let unknown = features & !self.avail_features();
-        if unknown != 0 {
-            warn!(
-                unknown,
-                "virtio-net: driver acked features that were not offered"
-            );
-        }
-        self.acked_features = features & self.avail_features();
+        self.state.ack_features(features);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -527,13 +503,7 @@ impl VirtioDevice for Net {
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[10..12].copy_from_slice(&self.mtu.to_le_bytes());
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        let n = end - start;
-        data[..n].copy_from_slice(&config[start..end]);
-        data[n..].fill(0);
+        read_config(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -542,18 +512,8 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if ctx.queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                actual: ctx.queues.len(),
-            });
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
+        self.state.check_activation(self.active.is_some(), &ctx)?;
+        self.state.signal_activation()?;
         self.active = Some(ActiveState {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
@@ -566,9 +526,9 @@ impl VirtioDevice for Net {
     fn reset(&mut self) -> bool {
         // The event loop unregisters the backend fd (it owns the registrations).
         self.active = None;
-        self.acked_features = 0;
+        self.state.acked_features = 0;
         self.reset_pending = true;
-        if let Err(e) = self.activate_evt.write(1) {
+        if let Err(e) = self.state.activate_evt.write(1) {
             error!("virtio-net: cannot wake the event loop for reset: {e}");
             return false;
         }
@@ -576,19 +536,13 @@ impl VirtioDevice for Net {
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        &self.state.queue_evts
     }
 }
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            ACTIVATE_TOKEN,
-            EventSet::IN,
-        )) {
-            error!("virtio-net: cannot register the activate event: {e}");
-        }
+        self.state.register_activate_evt(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {

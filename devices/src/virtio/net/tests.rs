@@ -14,12 +14,15 @@ use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
 };
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::frame::{fill_l4_checksum, fold, sum_words};
 use super::*;
+use crate::virtio::test_utils::{
+    avail_addr, desc_addr, guest_mem, publish, queue_base, run_idle, split_queue, take_used,
+    used_addr, write_desc,
+};
 use crate::virtio::{
     feature, lock, ActivationContext, InterruptType, RecordingInterrupt, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -40,34 +43,6 @@ const W: u16 = VRING_DESC_F_WRITE as u16;
 
 /// A descriptor as (addr, len, flags).
 type Desc = (u64, u32, u16);
-
-fn queue_base(q: usize) -> u64 {
-    0x1_0000 * (q as u64 + 1)
-}
-fn desc_addr(q: usize) -> u64 {
-    queue_base(q)
-}
-fn avail_addr(q: usize) -> u64 {
-    queue_base(q) + 0x1000
-}
-fn used_addr(q: usize) -> u64 {
-    queue_base(q) + 0x2000
-}
-
-fn make_queue(q: usize, event_idx: bool) -> Queue {
-    let mut queue = Queue::new(QSIZE).unwrap();
-    queue.set_size(QSIZE);
-    queue.set_ready(true);
-    queue.set_event_idx(event_idx);
-    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-    let (lo, hi) = split(desc_addr(q));
-    queue.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(avail_addr(q));
-    queue.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(used_addr(q));
-    queue.set_used_ring_address(lo, hi);
-    queue
-}
 
 /// What the fake backend saw and will send; shared with the test.
 #[derive(Debug, Default)]
@@ -162,7 +137,7 @@ fn all_features() -> u64 {
 
 impl Harness {
     fn new(net: Net, features: u64) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = guest_mem(MEM_SIZE);
         let dev = Arc::new(Mutex::new(net));
         let mut em = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
         em.add_subscriber(dev.clone());
@@ -216,7 +191,9 @@ impl Harness {
             dev.ack_features(features);
             let event_idx = features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
             self.event_idx = event_idx;
-            let queues = (0..NUM_QUEUES).map(|q| make_queue(q, event_idx)).collect();
+            let queues = (0..NUM_QUEUES)
+                .map(|q| split_queue(QSIZE, desc_addr(q), avail_addr(q), used_addr(q), event_idx))
+                .collect();
             dev.activate(ActivationContext {
                 mem: self.mem.clone(),
                 interrupt: self.irq.clone(),
@@ -229,12 +206,7 @@ impl Harness {
 
     /// Run the event loop until nothing is ready.
     fn run_idle(&mut self) {
-        for _ in 0..10_000 {
-            if self.em.run_with_timeout(0).unwrap() == 0 {
-                return;
-            }
-        }
-        panic!("event loop never went idle");
+        run_idle(&mut self.em);
     }
 
     fn kick(&mut self, q: usize) {
@@ -242,15 +214,8 @@ impl Harness {
         self.run_idle();
     }
 
-    fn write_desc(&self, table: u64, idx: u16, (addr, len, flags): Desc, next: u16) {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem
-            .write_slice(&d, GuestAddress(table + 16 * u64::from(idx)))
-            .unwrap();
+    fn write_desc(&self, table: u64, idx: u16, desc: Desc, next: u16) {
+        write_desc(&self.mem, table, idx, desc, next);
     }
 
     /// Put a chain of (addr, len, flags) on queue `q` without notifying; returns its head.
@@ -302,29 +267,18 @@ impl Harness {
     }
 
     fn publish(&mut self, q: usize, head: u16) {
-        let slot = u64::from(self.avail_idx[q] % QSIZE);
-        self.mem
-            .write_obj(head, GuestAddress(avail_addr(q) + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx[q], GuestAddress(avail_addr(q) + 2))
-            .unwrap();
+        publish(
+            &self.mem,
+            avail_addr(q),
+            QSIZE,
+            &mut self.avail_idx[q],
+            head,
+        );
     }
 
     /// New used entries of queue `q` as (id, len).
     fn take_used(&mut self, q: usize) -> Vec<(u32, u32)> {
-        let idx: u16 = self.mem.read_obj(GuestAddress(used_addr(q) + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen[q] != idx {
-            let slot = u64::from(self.used_seen[q] % QSIZE);
-            let at = used_addr(q) + 4 + 8 * slot;
-            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-            out.push((id, len));
-            self.used_seen[q] = self.used_seen[q].wrapping_add(1);
-        }
-        out
+        take_used(&self.mem, used_addr(q), QSIZE, &mut self.used_seen[q])
     }
 
     /// Post `n` single-descriptor rx buffers of `len` bytes (no kick).

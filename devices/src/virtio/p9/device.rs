@@ -21,19 +21,19 @@ use p9::Server;
 use tracing::{error, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_9P;
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{Job, SharedMem, WorkerPool};
 use super::{
     validate_tag, P9Config, P9Error, P9Metrics, DEFAULT_WORKERS, MAX_WORKERS, QUEUE_SIZE,
     VIRTIO_9P_MOUNT_TAG,
 };
+use crate::virtio::device_common::{read_config, DeviceState, ACTIVATE_TOKEN};
 use crate::virtio::{
     feature, ActivateError, ActivationContext, InterruptType, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
-const ACTIVATE_TOKEN: u32 = 0;
 const QUEUE_TOKEN: u32 = 1;
 const COMPLETION_TOKEN: u32 = 2;
 
@@ -54,12 +54,8 @@ pub struct P9Device {
     server_config: p9::Config,
     /// The 9P session of the current activation (a fresh one after every reset).
     server: Arc<Server>,
-    avail_features: u64,
-    acked_features: u64,
+    state: DeviceState<1>,
     config_space: Vec<u8>,
-    queue_sizes: [u16; 1],
-    queue_evts: [EventFd; 1],
-    activate_evt: EventFd,
     active: Option<ActiveState>,
     runtime_evts_registered: bool,
     pool: WorkerPool,
@@ -86,15 +82,16 @@ impl P9Device {
             tag: config.tag,
             server_config: config.server,
             server: Arc::new(server),
-            avail_features: feature(VIRTIO_F_VERSION_1)
-                | feature(VIRTIO_RING_F_INDIRECT_DESC)
-                | feature(VIRTIO_RING_F_EVENT_IDX)
-                | feature(VIRTIO_9P_MOUNT_TAG),
-            acked_features: 0,
+            state: DeviceState::new(
+                "virtio-9p",
+                feature(VIRTIO_F_VERSION_1)
+                    | feature(VIRTIO_RING_F_INDIRECT_DESC)
+                    | feature(VIRTIO_RING_F_EVENT_IDX)
+                    | feature(VIRTIO_9P_MOUNT_TAG),
+                [QUEUE_SIZE],
+            )
+            .map_err(P9Error::EventFd)?,
             config_space,
-            queue_sizes: [QUEUE_SIZE],
-            queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(P9Error::EventFd)?],
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(P9Error::EventFd)?,
             active: None,
             runtime_evts_registered: false,
             pool: WorkerPool::new(workers, metrics.clone()).map_err(P9Error::EventFd)?,
@@ -119,7 +116,7 @@ impl P9Device {
 
     /// Features the driver accepted.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.state.acked_features
     }
 
     /// Whether the guest activated the device (and has not reset it since).
@@ -215,15 +212,13 @@ impl P9Device {
     }
 
     fn handle_activate_event(&mut self, ops: &mut EventOps) {
-        if let Err(e) = self.activate_evt.read() {
-            warn!("virtio-9p: activate event read failed: {e}");
-        }
+        self.state.read_activate_evt();
         if self.active.is_none() {
             return;
         }
         self.pool.start("dinv-9p");
         if !self.runtime_evts_registered {
-            let queue = Events::with_data(&self.queue_evts[0], QUEUE_TOKEN, EventSet::IN);
+            let queue = Events::with_data(&self.state.queue_evts[0], QUEUE_TOKEN, EventSet::IN);
             let done =
                 Events::with_data(self.pool.completion_evt(), COMPLETION_TOKEN, EventSet::IN);
             for events in [queue, done] {
@@ -239,7 +234,7 @@ impl P9Device {
     }
 
     fn handle_queue_event(&mut self) {
-        if let Err(e) = self.queue_evts[0].read() {
+        if let Err(e) = self.state.queue_evts[0].read() {
             // EAGAIN: a spurious wake-up, the queue is still worth checking.
             tracing::debug!("virtio-9p: queue event read failed: {e}");
         }
@@ -254,33 +249,19 @@ impl VirtioDevice for P9Device {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        &self.state.queue_sizes
     }
 
     fn avail_features(&self) -> u64 {
-        self.avail_features
+        self.state.avail_features
     }
 
     fn ack_features(&mut self, features: u64) {
-        let unknown = features & !self.avail_features;
-        if unknown != 0 {
-            warn!(
-                unknown,
-                "virtio-9p: driver acked features that were not offered"
-            );
-        }
-        self.acked_features = features & self.avail_features;
+        self.state.ack_features(features);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = &self.config_space;
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        let n = end - start;
-        data[..n].copy_from_slice(&config[start..end]);
-        data[n..].fill(0);
+        read_config(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -289,18 +270,8 @@ impl VirtioDevice for P9Device {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if ctx.queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                actual: ctx.queues.len(),
-            });
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
+        self.state.check_activation(self.active.is_some(), &ctx)?;
+        self.state.signal_activation()?;
         self.active = Some(ActiveState {
             mem: Arc::new(ctx.mem),
             interrupt: ctx.interrupt,
@@ -314,7 +285,7 @@ impl VirtioDevice for P9Device {
         // Stop new work and forget the old activation's completions. The queue and
         // completion EventFds stay registered; events for an inactive device are ignored.
         self.active = None;
-        self.acked_features = 0;
+        self.state.acked_features = 0;
         if !self.pool.reset(RESET_DRAIN_TIMEOUT) {
             warn!(
                 tag = self.tag,
@@ -334,19 +305,13 @@ impl VirtioDevice for P9Device {
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        &self.state.queue_evts
     }
 }
 
 impl MutEventSubscriber for P9Device {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            ACTIVATE_TOKEN,
-            EventSet::IN,
-        )) {
-            error!("virtio-9p: cannot register the activate event: {e}");
-        }
+        self.state.register_activate_evt(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {

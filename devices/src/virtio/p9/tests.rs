@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use ::p9::wire::{Rmessage, Tmessage, NOFID, NOTAG};
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
+use crate::virtio::test_utils::{guest_mem, publish, run_idle, split_queue, take_used, write_desc};
 use crate::virtio::{
     feature, lock, ActivationContext, InterruptType, RecordingInterrupt, VirtioDevice,
     VIRTIO_F_VERSION_1,
@@ -66,7 +66,7 @@ impl Harness {
         let mut h = Harness {
             dev,
             em,
-            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
+            mem: guest_mem(MEM_SIZE),
             irq: Arc::new(RecordingInterrupt::new()),
             dir,
             avail_idx: 0,
@@ -85,16 +85,7 @@ impl Harness {
         self.mem
             .write_slice(&[0u8; 0x3_0000], GuestAddress(DESC))
             .unwrap();
-        let mut queue = Queue::new(QSIZE).unwrap();
-        queue.set_size(QSIZE);
-        queue.set_ready(true);
-        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-        let (lo, hi) = split(DESC);
-        queue.set_desc_table_address(lo, hi);
-        let (lo, hi) = split(AVAIL);
-        queue.set_avail_ring_address(lo, hi);
-        let (lo, hi) = split(USED);
-        queue.set_used_ring_address(lo, hi);
+        let queue = split_queue(QSIZE, DESC, AVAIL, USED, false);
         {
             let mut dev = lock(&self.dev);
             let features = dev.avail_features();
@@ -110,23 +101,7 @@ impl Harness {
     }
 
     fn run_idle(&mut self) {
-        for _ in 0..10_000 {
-            if self.em.run_with_timeout(0).unwrap() == 0 {
-                return;
-            }
-        }
-        panic!("event loop never went idle");
-    }
-
-    fn write_desc(&self, table: u64, idx: u16, (addr, len, flags): (u64, u32, u16), next: u16) {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem
-            .write_slice(&d, GuestAddress(table + 16 * u64::from(idx)))
-            .unwrap();
+        run_idle(&mut self.em);
     }
 
     /// Link `descs` (addr, len, flags) into a chain in the table at `table` starting at
@@ -140,19 +115,12 @@ impl Harness {
             } else {
                 (flags | VRING_DESC_F_NEXT as u16, (idx + 1) % size)
             };
-            self.write_desc(table, idx, (addr, len, flags), next);
+            write_desc(&self.mem, table, idx, (addr, len, flags), next);
         }
     }
 
     fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % QSIZE);
-        self.mem
-            .write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .unwrap();
+        publish(&self.mem, AVAIL, QSIZE, &mut self.avail_idx, head);
     }
 
     /// Put a chain of (addr, len, flags) on the queue; returns its head.
@@ -178,16 +146,7 @@ impl Harness {
 
     /// New used entries as (id, len).
     fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let at = USED + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-            out.push((id, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
+        take_used(&self.mem, USED, QSIZE, &mut self.used_seen)
     }
 
     /// Run the event loop until `n` used entries arrived (panics after [`WAIT`]).

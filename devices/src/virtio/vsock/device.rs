@@ -22,18 +22,18 @@ use tracing::{debug, error, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     FdOp, RxBuffer, TxPacket, UnixMuxer, VsockBackend, VsockConfig, VsockError, VsockMetrics,
     EVENT_QUEUE, HOST_CID, MAX_PKT_LEN, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, TYPE_STREAM,
 };
+use crate::virtio::device_common::{read_config, DeviceState, ACTIVATE_TOKEN};
 use crate::virtio::{
     feature, ActivateError, ActivationContext, InterruptType, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
-const ACTIVATE_TOKEN: u32 = 0;
 const QUEUE_TOKEN: u32 = 1;
 const BACKEND_TOKEN: u32 = QUEUE_TOKEN + NUM_QUEUES as u32;
 
@@ -49,14 +49,10 @@ struct ActiveState {
 pub struct Vsock<B: VsockBackend = UnixMuxer> {
     guest_cid: u64,
     backend: B,
-    acked_features: u64,
-    queue_sizes: [u16; NUM_QUEUES],
-    queue_evts: [EventFd; NUM_QUEUES],
-    activate_evt: EventFd,
+    state: DeviceState<NUM_QUEUES>,
     active: Option<ActiveState>,
     backend_active: bool,
     reset_pending: bool,
-    queue_evts_registered: bool,
     tx_stalled: bool,
     rx_scratch: Vec<u8>,
     fd_ops: Vec<FdOp>,
@@ -86,18 +82,18 @@ impl<B: VsockBackend> Vsock<B> {
     }
 
     fn build(guest_cid: u64, backend: B, metrics: Arc<VsockMetrics>) -> Result<Self, VsockError> {
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd);
+        // No VIRTIO_VSOCK_F_SEQPACKET: stream sockets only (§5.10.3).
+        let avail_features = feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_RING_F_EVENT_IDX);
         Ok(Self {
             guest_cid,
             backend,
-            acked_features: 0,
-            queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
-            queue_evts: [evt()?, evt()?, evt()?],
-            activate_evt: evt()?,
+            state: DeviceState::new("virtio-vsock", avail_features, [QUEUE_SIZE; NUM_QUEUES])
+                .map_err(VsockError::EventFd)?,
             active: None,
             backend_active: false,
             reset_pending: false,
-            queue_evts_registered: false,
             tx_stalled: false,
             rx_scratch: vec![0u8; MAX_PKT_LEN as usize],
             fd_ops: Vec::new(),
@@ -308,9 +304,7 @@ impl<B: VsockBackend> Vsock<B> {
     }
 
     fn handle_activate_event(&mut self, ops: &mut EventOps) {
-        if let Err(e) = self.activate_evt.read() {
-            warn!("virtio-vsock: activate event read failed: {e}");
-        }
+        self.state.read_activate_evt();
         if std::mem::take(&mut self.reset_pending) && self.backend_active {
             self.backend.reset();
             self.backend_active = false;
@@ -318,17 +312,9 @@ impl<B: VsockBackend> Vsock<B> {
         if self.active.is_none() {
             return;
         }
-        if !self.queue_evts_registered {
-            for (i, evt) in self.queue_evts.iter().enumerate() {
-                // `i` < NUM_QUEUES: the token cannot overflow.
-                let token = QUEUE_TOKEN + i as u32;
-                if let Err(e) = ops.add(Events::with_data(evt, token, EventSet::IN)) {
-                    error!("virtio-vsock: cannot register queue event: {e}");
-                    VsockMetrics::inc(&self.metrics.queue_errors);
-                    return;
-                }
-            }
-            self.queue_evts_registered = true;
+        if !self.state.register_queue_evts(ops, QUEUE_TOKEN) {
+            VsockMetrics::inc(&self.metrics.queue_errors);
+            return;
         }
         if !self.backend_active {
             self.backend.activate();
@@ -340,7 +326,7 @@ impl<B: VsockBackend> Vsock<B> {
     }
 
     fn handle_queue_event(&mut self, idx: usize) {
-        let Some(evt) = self.queue_evts.get(idx) else {
+        let Some(evt) = self.state.queue_evts.get(idx) else {
             warn!(idx, "virtio-vsock: event for unknown queue");
             return;
         };
@@ -409,37 +395,20 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        &self.state.queue_sizes
     }
 
     fn avail_features(&self) -> u64 {
-        // No VIRTIO_VSOCK_F_SEQPACKET: stream sockets only (§5.10.3).
-        feature(VIRTIO_F_VERSION_1)
-            | feature(VIRTIO_RING_F_INDIRECT_DESC)
-            | feature(VIRTIO_RING_F_EVENT_IDX)
+        self.state.avail_features
     }
 
     fn ack_features(&mut self, features: u64) {
-        let unknown = features & !self.avail_features();
-        if unknown != 0 {
-            warn!(
-                unknown,
-                "virtio-vsock: driver acked features that were not offered"
-            );
-        }
-        self.acked_features = features & self.avail_features();
+        self.state.ack_features(features);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; } (§5.10.4).
-        let config = self.guest_cid.to_le_bytes();
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        let n = end - start;
-        data[..n].copy_from_slice(&config[start..end]);
-        data[n..].fill(0);
+        read_config(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -451,18 +420,8 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if ctx.queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                actual: ctx.queues.len(),
-            });
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
+        self.state.check_activation(self.active.is_some(), &ctx)?;
+        self.state.signal_activation()?;
         self.active = Some(ActiveState {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
@@ -475,10 +434,10 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn reset(&mut self) -> bool {
         // The backend drops its connections on the event loop (it owns the fd registrations).
         self.active = None;
-        self.acked_features = 0;
+        self.state.acked_features = 0;
         self.tx_stalled = false;
         self.reset_pending = true;
-        if let Err(e) = self.activate_evt.write(1) {
+        if let Err(e) = self.state.activate_evt.write(1) {
             error!("virtio-vsock: cannot wake the event loop for reset: {e}");
             return false;
         }
@@ -486,19 +445,13 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        &self.state.queue_evts
     }
 }
 
 impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            ACTIVATE_TOKEN,
-            EventSet::IN,
-        )) {
-            error!("virtio-vsock: cannot register the activate event: {e}");
-        }
+        self.state.register_activate_evt(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {

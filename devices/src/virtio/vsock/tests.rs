@@ -9,10 +9,14 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
+use crate::virtio::test_utils::{
+    avail_addr, desc_addr, guest_mem, publish, queue_base, run_idle, split_queue, take_used,
+    used_addr, write_desc,
+};
 use crate::virtio::{
     feature, lock, ActivationContext, InterruptType, RecordingInterrupt, VirtioDevice,
     VIRTIO_F_VERSION_1,
@@ -33,19 +37,6 @@ pub(crate) const R: u16 = 0;
 pub(crate) const W: u16 = VRING_DESC_F_WRITE as u16;
 /// Default rx buffer: a header plus 4 KiB, like Linux's driver.
 pub(crate) const RX_BUF_LEN: u32 = HDR_LEN as u32 + 4096;
-
-fn queue_base(q: usize) -> u64 {
-    0x1_0000 * (q as u64 + 1)
-}
-fn desc_addr(q: usize) -> u64 {
-    queue_base(q)
-}
-fn avail_addr(q: usize) -> u64 {
-    queue_base(q) + 0x1000
-}
-fn used_addr(q: usize) -> u64 {
-    queue_base(q) + 0x2000
-}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct QState {
@@ -86,7 +77,7 @@ pub(crate) struct Harness<B: VsockBackend + 'static> {
 
 impl<B: VsockBackend + 'static> Harness<B> {
     pub fn new(dev: Vsock<B>) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = guest_mem(MEM_SIZE);
         let dev = Arc::new(Mutex::new(dev));
         let mut em = EventManager::<Arc<Mutex<Vsock<B>>>>::new().unwrap();
         em.add_subscriber(dev.clone());
@@ -131,12 +122,7 @@ impl<B: VsockBackend + 'static> Harness<B> {
 
     /// Run the event loop until nothing is ready.
     pub fn run_idle(&mut self) {
-        for _ in 0..10_000 {
-            if self.em.run_with_timeout(0).unwrap() == 0 {
-                return;
-            }
-        }
-        panic!("event loop never went idle");
+        run_idle(&mut self.em);
     }
 
     /// Run the event loop for up to `ms` milliseconds waiting for something.
@@ -163,40 +149,17 @@ impl<B: VsockBackend + 'static> Harness<B> {
             } else {
                 flags | VRING_DESC_F_NEXT as u16
             };
-            let mut d = [0u8; 16];
-            d[0..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&(if last { 0 } else { next }).to_le_bytes());
-            self.mem
-                .write_slice(&d, GuestAddress(desc_addr(q) + 16 * u64::from(idx)))
-                .unwrap();
+            let next = if last { 0 } else { next };
+            write_desc(&self.mem, desc_addr(q), idx, (addr, len, flags), next);
         }
         st.next_desc = (head + descs.len() as u16) % QSIZE;
-        let slot = u64::from(st.avail_idx % QSIZE);
-        self.mem
-            .write_obj(head, GuestAddress(avail_addr(q) + 4 + 2 * slot))
-            .unwrap();
-        st.avail_idx = st.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(st.avail_idx, GuestAddress(avail_addr(q) + 2))
-            .unwrap();
+        publish(&self.mem, avail_addr(q), QSIZE, &mut st.avail_idx, head);
         head
     }
 
     /// New used entries of queue `q` as (id, len).
     pub fn take_used(&mut self, q: usize) -> Vec<(u32, u32)> {
-        let idx: u16 = self.mem.read_obj(GuestAddress(used_addr(q) + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.qs[q].used_seen != idx {
-            let slot = u64::from(self.qs[q].used_seen % QSIZE);
-            let at = used_addr(q) + 4 + 8 * slot;
-            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-            out.push((id, len));
-            self.qs[q].used_seen = self.qs[q].used_seen.wrapping_add(1);
-        }
-        out
+        take_used(&self.mem, used_addr(q), QSIZE, &mut self.qs[q].used_seen)
     }
 
     fn rx_addr(head: u32) -> u64 {
@@ -278,17 +241,7 @@ impl<B: VsockBackend + 'static> Harness<B> {
 }
 
 fn make_queue(q: usize) -> Queue {
-    let mut queue = Queue::new(QSIZE).unwrap();
-    queue.set_size(QSIZE);
-    queue.set_ready(true);
-    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-    let (lo, hi) = split(desc_addr(q));
-    queue.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(avail_addr(q));
-    queue.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(used_addr(q));
-    queue.set_used_ring_address(lo, hi);
-    queue
+    split_queue(QSIZE, desc_addr(q), avail_addr(q), used_addr(q), false)
 }
 
 /// A backend that records what the guest sent and replays what the test queued.
