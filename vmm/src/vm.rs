@@ -4,6 +4,7 @@
 //! runs); [`Vm::run`] starts one thread per vCPU, runs the device event loop on the calling
 //! thread, and returns the [`VmExit`] once the guest resets, faults, or a [`VmHandle`] stops it.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CP
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_device::device_manager::IoManager;
 use vm_device::resources::Resource;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
@@ -179,7 +180,7 @@ struct ExitWatcher {
 
 impl MutEventSubscriber for ExitWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.reset.as_raw_fd_() {
+        if events.fd() == self.reset.as_raw_fd() {
             let _ = self.reset.read();
             tracing::info!("guest requested a reset through the i8042");
             self.exit.finish(VmExit::Reset);
@@ -194,16 +195,6 @@ impl MutEventSubscriber for ExitWatcher {
                 tracing::error!("cannot watch exit events: {e}");
             }
         }
-    }
-}
-
-trait AsRawFdExt {
-    fn as_raw_fd_(&self) -> i32;
-}
-
-impl AsRawFdExt for EventFd {
-    fn as_raw_fd_(&self) -> i32 {
-        std::os::fd::AsRawFd::as_raw_fd(self)
     }
 }
 
@@ -494,9 +485,4 @@ impl Vm {
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
     }
-}
-
-/// The guest physical address of the first virtio-mmio window (for diagnostics).
-pub fn first_virtio_window() -> GuestAddress {
-    GuestAddress(layout::VIRTIO_MMIO_START)
 }

@@ -95,6 +95,9 @@ pub enum DaemonError {
     /// Signal handling could not be installed.
     #[error("Signal handling: {0}")]
     Signals(io::Error),
+    /// A helper thread could not be started.
+    #[error("Cannot start a thread: {0}")]
+    Thread(io::Error),
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] crate::Error),
@@ -217,7 +220,7 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
                     AgentEvent::Unknown(l) => tracing::debug!("guest agent said {l:?}"),
                 })
             })
-            .map_err(DaemonError::Signals)?;
+            .map_err(DaemonError::Thread)?;
     }
 
     // Signals: graceful, then hard.
@@ -250,7 +253,7 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
                     });
                 }
             })
-            .map_err(DaemonError::Signals)?;
+            .map_err(DaemonError::Thread)?;
     }
 
     let exit = vm.run();
