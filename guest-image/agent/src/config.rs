@@ -11,7 +11,7 @@
 //! | `dinv.ip=<addr/prefix>` `dinv.gw=<addr>` `dinv.dns=<addr>` | eth0 configuration (only if eth0 exists) | none |
 //! | `dinv.mount=<tag>:<guestpath>[:ro]` | 9p share to mount (repeatable) | none |
 //! | `dinv.volume=<dev>:<path>:<uid>:<gid>` | extra ext4 volume (formatted if blank) | none |
-//! | `dinv.test_shutdown_after=<secs>` | testing: begin shutdown this long after `ready` | off |
+//! | `dinv.test_shutdown_after=<secs>` | testing: begin shutdown this long after `ready` (or after a daemon died) | off |
 //!
 //! Unknown `dinv.*` parameters are logged and ignored; a bad value is logged and the default kept.
 //! Parsing is pure ([`Config::parse`] returns the warnings) so it is unit-tested without a VM.

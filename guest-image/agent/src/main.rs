@@ -68,6 +68,8 @@ struct Agent {
     dockerd_pending: bool,
     prober_stop: Arc<AtomicBool>,
     ready_at: Option<Instant>,
+    /// When a daemon first died unexpectedly (arms `dinv.test_shutdown_after` too).
+    failed_at: Option<Instant>,
     shutdown: Option<String>,
 }
 
@@ -129,6 +131,7 @@ fn run_as_init() -> ! {
         dockerd_pending: false,
         prober_stop: Arc::new(AtomicBool::new(false)),
         ready_at: None,
+        failed_at: None,
         shutdown: None,
     };
     agent.setup_system();
@@ -316,7 +319,10 @@ impl Agent {
                 info!("containerd socket {} up", services::CONTAINERD_SOCK);
                 self.start_dockerd();
             }
-            if let (Some(after), Some(at)) = (self.cfg.test_shutdown_after, self.ready_at) {
+            if let (Some(after), Some(at)) = (
+                self.cfg.test_shutdown_after,
+                self.ready_at.or(self.failed_at),
+            ) {
                 if self.shutdown.is_none() && at.elapsed() >= Duration::from_secs(after) {
                     self.request_shutdown(format!("dinv.test_shutdown_after={after}"));
                 }
