@@ -438,9 +438,19 @@ impl Vm {
                 mem: self.mem.clone(),
                 exit: self.exit.clone(),
             };
+            let exit = self.exit.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu.run())
+                .spawn(move || {
+                    // A vCPU thread that dies must end the VM, not leave it hung.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run())).is_err() {
+                        exit.finish(VmExit::Fault {
+                            vcpu: id as u8,
+                            reason: "vCPU thread panicked".into(),
+                            detail: String::new(),
+                        });
+                    }
+                })
                 .map_err(Error::Thread)?;
             threads.push(thread);
         }
