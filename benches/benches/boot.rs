@@ -12,7 +12,6 @@
 //! Run: `scripts/bench boot` (builds dinv in release first). `DINV_BENCH_RUNS` sets the
 //! number of alternating runs (default 1: a PVM boot takes over a minute).
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,17 +76,14 @@ fn measure(mut vm: Running) -> Sample {
     }
 }
 
-fn pvm_params() -> String {
-    if !Path::new("/sys/module/kvm_pvm").exists() {
-        return String::new();
+/// The kernel parameters dinv itself passes, so QEMU boots with exactly the same ones.
+fn dinv_params() -> String {
+    let mut params = dinv_vmm::vm::BASE_CMDLINE.to_string();
+    if dinv_vmm::pvm::host_is_pvm() {
+        params.push(' ');
+        params.push_str(&dinv_vmm::pvm::cmdline_additions());
     }
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-image/kernel/cmdline-pvm.txt"))
-        .expect("cmdline-pvm.txt");
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect::<Vec<_>>()
-        .join(" ")
+    params
 }
 
 fn main() {
@@ -123,10 +119,7 @@ fn main() {
             guest_args.as_ref(),
         ])));
         eprintln!("run {}/{runs}: qemu", run + 1);
-        let append = format!(
-            "console=ttyS0 reboot=k panic=-1 pci=off nomodule io_delay=none i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable {} {guest_args}",
-            pvm_params()
-        );
+        let append = format!("{} {guest_args}", dinv_params());
         qemu.push(measure(Running::spawn_program(
             "qemu-system-x86_64",
             [

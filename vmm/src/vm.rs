@@ -44,7 +44,7 @@ use crate::{Error, Result, VmExit};
 /// Where KVM on Intel puts the real-mode TSS (three pages just below the BIOS area).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// Kernel parameters every dinv guest gets.
-const BASE_CMDLINE: &str =
+pub const BASE_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off nomodule io_delay=none i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable";
 /// How long `run` waits for vCPU threads to leave `KVM_RUN` after the VM ended.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
