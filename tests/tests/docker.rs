@@ -1,9 +1,13 @@
 //! dockerd in the guest, driven by the host `docker` CLI through dinv's unix socket.
 //!
-//! One guest serves every check (guest boots take minutes on PVM); the only restart is the
-//! persistence check. Needs `DINV_KERNEL`, `DINV_ROOTFS` (see `.ci/run`), `/dev/kvm`, the
+//! One guest serves every check (guest boots take minutes on PVM), including the in-VM parts of
+//! port forwarding (`DINV_TCP_PORTS`), the gateway's host-loopback alias and bind mounts
+//! (`DINV_MOUNTS`, virtio-9p); the only restart is the persistence check. Needs `DINV_KERNEL`, `DINV_ROOTFS` (see `.ci/run`), `/dev/kvm`, the
 //! host `docker` CLI, Debian's busybox-static (for a local test image) and e2fsprogs.
 
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,22 +24,24 @@ struct Dinv {
     sock: PathBuf,
 }
 
-fn start(dir: &Path) -> Dinv {
+fn start(dir: &Path, extra: &[&str]) -> Dinv {
     let sock = dir.join("docker.sock");
-    let mut vm = Running::spawn([
-        "--kernel".as_ref(),
-        artifact("DINV_KERNEL").as_os_str(),
-        "--rootfs".as_ref(),
-        artifact("DINV_ROOTFS").as_os_str(),
-        "--docker-image".as_ref(),
-        dir.join("docker.img").as_os_str(),
-        "--docker-size".as_ref(),
-        "8G".as_ref(),
-        "--docker-sock".as_ref(),
-        sock.as_os_str(),
-        "--shutdown-timeout".as_ref(),
-        SHUTDOWN_TIMEOUT_SECS.to_string().as_ref(),
-    ]);
+    let mut args: Vec<OsString> = vec![
+        "--kernel".into(),
+        artifact("DINV_KERNEL").into(),
+        "--rootfs".into(),
+        artifact("DINV_ROOTFS").into(),
+        "--docker-image".into(),
+        dir.join("docker.img").into(),
+        "--docker-size".into(),
+        "8G".into(),
+        "--docker-sock".into(),
+        sock.clone().into(),
+        "--shutdown-timeout".into(),
+        SHUTDOWN_TIMEOUT_SECS.to_string().into(),
+    ];
+    args.extend(extra.iter().map(OsString::from));
+    let mut vm = Running::spawn(args);
     let ready = vm.wait_for("docker API ready", READY_TIMEOUT);
     eprintln!("{ready} (exec -> ready {:.1}s)", vm.elapsed().as_secs_f64());
     Dinv { vm, sock }
@@ -82,6 +88,47 @@ impl Dinv {
     }
 }
 
+/// An HTTP/1.0 server on 127.0.0.1 answering every request with `body`; returns its port and
+/// a request counter.
+fn serve_http_once_per_request(body: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    (port, hits)
+}
+
+/// GET `path` from 127.0.0.1:`port`, retrying until a 200 answer or `timeout`; returns the body.
+fn http_get_retry(port: u16, path: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match TcpStream::connect(("127.0.0.1", port)).and_then(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(60)))?;
+            write!(c, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut resp = String::new();
+            c.read_to_string(&mut resp)?;
+            Ok(resp)
+        }) {
+            Ok(resp) if resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200") => {
+                return resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+            }
+            Ok(resp) => last = resp,
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    panic!("no HTTP 200 from forwarded port {port} within {timeout:?}; last: {last}");
+}
+
 /// A busybox root filesystem tarball from Debian's busybox-static, for `docker import`.
 fn busybox_tarball(dir: &Path) -> PathBuf {
     let root = dir.join("busybox-root");
@@ -105,7 +152,21 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let tar = busybox_tarball(dir.path());
-    let mut dinv = start(dir.path());
+
+    // Bind mounts: a read-write share the host writes into, and a read-only one.
+    let share = dir.path().join("share");
+    let ro_share = dir.path().join("ro-share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::create_dir_all(&ro_share).unwrap();
+    std::fs::write(share.join("hello.txt"), "written-by-host\n").unwrap();
+    std::fs::write(ro_share.join("ro.txt"), "read-only-share\n").unwrap();
+    // An HTTP server on the host's loopback, for the gateway's host-loopback alias.
+    let (loopback_port, loopback_hits) = serve_http_once_per_request("host-loopback-ok");
+    // A free host port to forward to the guest's 8080.
+    let fwd_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mounts = format!("{}:/data;{}:/ro:ro", share.display(), ro_share.display());
+    let tcp_ports = format!("{fwd_port}:8080");
+    let mut dinv = start(dir.path(), &["--mounts", &mounts, "--tcp-ports", &tcp_ports]);
 
     // Client and server both answer.
     let version = dinv.docker_ok(&["version", "--format", "{{.Client.Version}} {{.Server.Version}}"]);
@@ -118,19 +179,46 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     dinv.docker_ok(&["import", tar.to_str().unwrap(), "dinv-busybox:test"]);
     let out = dinv.docker_ok(&["run", "--rm", "dinv-busybox:test", "sh", "-c", "echo ok"]);
     assert_eq!(out.trim(), "ok");
-    // docker build FROM that image; running the result checks the build and that a
-    // container's exit code (3) comes back through `docker run`.
+    // docker build FROM that image. Running the result (its CMD) checks the build, that a
+    // container's exit code (3) comes back through `docker run`, the bind mounts (read the
+    // host's file, write one back, a refused write on the read-only share) and the gateway's
+    // host-loopback alias (10.234.0.2 is the host's 127.0.0.1), all in one container start.
     let ctx = dir.path().join("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
+    let script = format!(
+        "echo built; cat /data/hello.txt; echo written-by-guest > /data/from-guest.txt; \
+         cat /ro/ro.txt; if echo x > /ro/x; then echo ro-writable; else echo ro-refused; fi; \
+         wget -qO- http://10.234.0.2:{loopback_port}/; echo; exit 3"
+    );
     std::fs::write(
         ctx.join("Dockerfile"),
-        "FROM dinv-busybox:test\nLABEL org.dinv.test=1\nCMD [\"sh\", \"-c\", \"echo built; exit 3\"]\n",
+        format!("FROM dinv-busybox:test\nLABEL org.dinv.test=1\nCMD [\"sh\", \"-c\", {script:?}]\n"),
     )
     .unwrap();
     dinv.docker_ok(&["build", "-t", "dinv-built:test", ctx.to_str().unwrap()]);
-    let run = dinv.docker(&["run", "--rm", "dinv-built:test"]);
-    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "built", "{run:?}");
+    let run = dinv.docker(&["run", "--rm", "-v", "/data:/data", "-v", "/ro:/ro", "dinv-built:test"]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let lines: Vec<&str> = stdout.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        lines,
+        ["built", "written-by-host", "read-only-share", "ro-refused", "host-loopback-ok"],
+        "{run:?}\n{}",
+        dinv.vm.tail()
+    );
     assert_eq!(run.status.code(), Some(3), "container exit code must propagate: {run:?}");
+    assert_eq!(std::fs::read_to_string(share.join("from-guest.txt")).unwrap(), "written-by-guest\n");
+    assert!(!ro_share.join("x").exists(), "the read-only share was written");
+    assert!(loopback_hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+
+    // Port forwarding: host port -> dinv -> guest 8080 -> container 80 (busybox httpd serving
+    // the bind-mounted share).
+    dinv.docker_ok(&[
+        "run", "-d", "--name", "web", "-p", "8080:80", "-v", "/data:/www", "dinv-busybox:test",
+        "httpd", "-f", "-p", "80", "-h", "/www",
+    ]);
+    let body = http_get_retry(fwd_port, "/hello.txt", Duration::from_secs(300));
+    assert_eq!(body, "written-by-host\n", "{}", dinv.vm.tail());
+    dinv.docker_ok(&["rm", "-f", "web"]);
 
     // 50 concurrent API calls through the vsock muxer.
     let sock = dinv.sock.clone();
@@ -159,7 +247,7 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     run_ok(Command::new("e2fsck").arg("-fn").arg(dir.path().join("docker.img")));
 
     // Restart on the same disk: the images persisted.
-    let mut dinv = start(dir.path());
+    let mut dinv = start(dir.path(), &[]);
     let images = dinv.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
     assert!(images.lines().any(|l| l == "dinv-busybox:test"), "{images}");
     assert!(images.lines().any(|l| l == "dinv-built:test"), "{images}");

@@ -72,6 +72,18 @@ struct DaemonArgs {
     /// Extra guest kernel parameters.
     #[arg(long, env = "DINV_CMDLINE", default_value = "")]
     cmdline: String,
+    /// TCP ports forwarded from the host to the guest: `P` or `HOST:GUEST`, `;`-separated.
+    #[arg(long, env = "DINV_TCP_PORTS", default_value = "")]
+    tcp_ports: String,
+    /// UDP ports forwarded from the host to the guest: `P` or `HOST:GUEST`, `;`-separated.
+    #[arg(long, env = "DINV_UDP_PORTS", default_value = "")]
+    udp_ports: String,
+    /// The guest's IPv4 subnet (gateway .1, host loopback alias .2, DNS .3, guest .15).
+    #[arg(long, env = "DINV_SUBNET", default_value = "10.234.0.0/24")]
+    subnet: String,
+    /// Host directories shared with the guest: `HOST[:GUEST][:ro]`, `;`-separated.
+    #[arg(long, env = "DINV_MOUNTS", default_value = "")]
+    mounts: String,
 }
 
 #[derive(Args, Debug)]
@@ -161,21 +173,27 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
     let size = |name: &str, v: &str| dinv_vmm::size::parse_size(v).map_err(|e| anyhow::anyhow!("{name}: {e}"));
-    let cfg = dinv_vmm::daemon::DaemonConfig {
-        memory: size("DINV_MEMORY", &args.memory)?,
-        docker_size: size("DINV_DOCKER_SIZE", &args.docker_size)?,
-        kernel: args.kernel,
-        rootfs: args.rootfs,
-        docker_image: args.docker_image,
-        docker_sock: args.docker_sock,
-        docker_sock_uid: args.docker_sock_uid,
-        docker_sock_gid: args.docker_sock_gid,
-        cpus: args.cpus,
-        shutdown_timeout: args.shutdown_timeout,
-        console_log: args.console_log,
-        extra_cmdline: args.cmdline,
-    };
+    let subnet: netstack::Ipv4Subnet =
+        args.subnet.parse().map_err(|e| anyhow::anyhow!("DINV_SUBNET {:?}: {e}", args.subnet))?;
+    netstack::config::check_host_routes(subnet).context("DINV_SUBNET")?;
+    let mut network = netstack::Config::for_subnet(subnet).context("DINV_SUBNET")?;
+    network.tcp_forwards = netstack::parse_port_list(&args.tcp_ports).context("DINV_TCP_PORTS")?;
+    network.udp_forwards = netstack::parse_port_list(&args.udp_ports).context("DINV_UDP_PORTS")?;
+    let mut cfg = dinv_vmm::daemon::DaemonConfig::new(args.kernel, args.rootfs);
+    cfg.memory = size("DINV_MEMORY", &args.memory)?;
+    cfg.docker_size = size("DINV_DOCKER_SIZE", &args.docker_size)?;
+    cfg.docker_image = args.docker_image;
+    cfg.docker_sock = args.docker_sock;
+    cfg.docker_sock_uid = args.docker_sock_uid;
+    cfg.docker_sock_gid = args.docker_sock_gid;
+    cfg.cpus = args.cpus;
+    cfg.shutdown_timeout = args.shutdown_timeout;
+    cfg.console_log = args.console_log;
+    cfg.extra_cmdline = args.cmdline;
+    cfg.network = Some(dinv_vmm::daemon::guest_network(network));
+    cfg.mounts = dinv_vmm::daemon::parse_mounts(&args.mounts)?;
     let exit = dinv_vmm::daemon::run(cfg)?;
     if exit.is_clean() {
         tracing::info!("{exit}");

@@ -12,6 +12,7 @@
 //! stop loses at most writes the guest never flushed: every virtio-blk flush is an fdatasync.
 
 pub mod control;
+pub mod mounts;
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -25,8 +26,9 @@ use std::time::{Duration, Instant};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::{Console, DiskConfig, Vm, VmExit, VsockConfig};
+use crate::{Console, DiskConfig, NetConfig, P9Config, Vm, VmExit, VsockConfig};
 use control::{AgentEvent, AgentLink, CONTROL_PORT, DOCKER_PORT};
+pub use mounts::{parse_mounts, Mount, MountError};
 
 /// Extra time, beyond the guest's own shutdown timeout, for the guest to sync, unmount and
 /// power off (PVM hosts are slow) before the VM is stopped hard.
@@ -61,6 +63,70 @@ pub struct DaemonConfig {
     pub console_log: Option<PathBuf>,
     /// Extra kernel parameters.
     pub extra_cmdline: String,
+    /// The guest's network (subnet layout, port forwards); `None`: no network device.
+    pub network: Option<netstack::Config>,
+    /// Host directories shared with the guest (virtio-9p).
+    pub mounts: Vec<Mount>,
+}
+
+impl DaemonConfig {
+    /// The defaults of the `dinv` command for the given kernel and root filesystem.
+    pub fn new(kernel: impl Into<PathBuf>, rootfs: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            rootfs: rootfs.into(),
+            docker_image: PathBuf::from("/docker/docker.img"),
+            docker_size: 64 << 30,
+            docker_sock: PathBuf::from("/var/run/docker.sock"),
+            docker_sock_uid: None,
+            docker_sock_gid: None,
+            cpus: 1,
+            memory: 512 << 20,
+            shutdown_timeout: 5,
+            console_log: None,
+            extra_cmdline: String::new(),
+            network: Some(guest_network(netstack::Config::default())),
+            mounts: Vec::new(),
+        }
+    }
+}
+
+/// The netstack settings the virtio-net device needs: a 64 KiB MTU with checksum offload, so
+/// large segments cross in one frame and nobody computes checksums inside this host.
+pub fn guest_network(mut cfg: netstack::Config) -> netstack::Config {
+    cfg.mtu = usize::from(devices::virtio::net::DEFAULT_MTU);
+    cfg.checksums = netstack::Checksums { verify_rx: false, compute_tx: false };
+    cfg
+}
+
+/// The agent's kernel parameters for `cfg` (see guest-image/agent/src/config.rs).
+fn agent_cmdline(cfg: &DaemonConfig) -> String {
+    let mut c = format!(
+        "root=/dev/vda ro init=/sbin/dinv-agent dinv.docker_disk=/dev/vdb dinv.shutdown_timeout={}",
+        cfg.shutdown_timeout
+    );
+    if let Some(net) = &cfg.network {
+        c += &format!(
+            " dinv.ip={}/{} dinv.gw={} dinv.dns={}",
+            net.guest_ip,
+            net.subnet.prefix(),
+            net.gateway_ip,
+            net.dns_ip
+        );
+    }
+    for (i, m) in cfg.mounts.iter().enumerate() {
+        c += &format!(" dinv.mount={}:{}{}", share_tag(i), m.guest, if m.read_only { ":ro" } else { "" });
+    }
+    if !cfg.extra_cmdline.trim().is_empty() {
+        c += " ";
+        c += cfg.extra_cmdline.trim();
+    }
+    c
+}
+
+/// The virtio-9p mount tag of the `i`th share.
+fn share_tag(i: usize) -> String {
+    format!("dinv{i}")
 }
 
 /// Errors that stop the daemon before the guest runs.
@@ -98,6 +164,9 @@ pub enum DaemonError {
     /// A helper thread could not be started.
     #[error("Cannot start a thread: {0}")]
     Thread(io::Error),
+    /// The network could not be set up.
+    #[error("Network: {0}")]
+    Network(#[from] netstack::Error),
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] crate::Error),
@@ -171,15 +240,11 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
         Some(path) => Console::File(path.clone()),
         None => Console::Writer(Box::new(io::stderr())),
     };
-    let cmdline = format!(
-        "root=/dev/vda ro init=/sbin/dinv-agent dinv.docker_disk=/dev/vdb dinv.shutdown_timeout={} {}",
-        cfg.shutdown_timeout, cfg.extra_cmdline
-    );
     let mut root = DiskConfig::new(&cfg.rootfs);
     root.read_only = true;
-    let vm = Vm::builder()
+    let mut builder = Vm::builder()
         .kernel(&cfg.kernel)
-        .cmdline(cmdline.trim_end())
+        .cmdline(agent_cmdline(&cfg))
         .vcpus(cfg.cpus)
         .memory(cfg.memory)
         .disk(root)
@@ -189,8 +254,25 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
             listeners: vec![(docker, DOCKER_PORT)],
             host_ports: vec![(CONTROL_PORT, control_path)],
         })
-        .console(console)
-        .build()?;
+        .console(console);
+    if let Some(net) = &cfg.network {
+        let stack = netstack::NetStack::new(net.clone())?;
+        let (tcp, udp) = stack.forward_addrs();
+        for a in tcp {
+            tracing::info!("forwarding tcp {a} to the guest");
+        }
+        for a in udp {
+            tracing::info!("forwarding udp {a} to the guest");
+        }
+        builder = builder.net(NetConfig::with_backend(Box::new(stack)));
+    }
+    for (i, m) in cfg.mounts.iter().enumerate() {
+        let mut share = P9Config::new(share_tag(i), &m.host);
+        share.server.read_only = m.read_only;
+        tracing::info!("sharing {} as {}{}", m.host.display(), m.guest, if m.read_only { " (read-only)" } else { "" });
+        builder = builder.share(share);
+    }
+    let vm = builder.build()?;
     let handle = vm.handle();
 
     // Control channel: readiness and shutdown.
