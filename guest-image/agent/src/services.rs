@@ -37,11 +37,10 @@ pub fn spawn(name: &'static str, program: &str, args: &[String]) -> std::io::Res
         .env("PATH", PATH)
         .env("HOME", "/root")
         .env("LANG", "C.UTF-8")
-        // Go's signal-based async preemption corrupts goroutine state under PVM (seen:
-        // containerd nil-pointer panics and dockerd "traceback did not unwind completely"
-        // under load); cooperative preemption is enough for daemons and saves a signal
-        // delivery (expensive on PVM) every 10 ms per busy thread. Inherited by shims and runc.
-        .env("GODEBUG", "asyncpreemptoff=1")
+        // Cooperative preemption is enough for daemons and saves a signal delivery (expensive
+        // on PVM) every 10 ms per busy thread. Inherited by shims and runc, with the PVM
+        // profile's AVX switches (see `runtime_env`).
+        .envs(runtime_env(|k| std::env::var(k).ok()))
         .stdin(Stdio::null())
         .stdout(Stdio::from(wr))
         .stderr(Stdio::from(wr2))
@@ -67,6 +66,22 @@ pub fn spawn(name: &'static str, program: &str, args: &[String]) -> std::io::Res
             }
         })?;
     Ok(pid)
+}
+
+/// Go and glibc settings for the daemons: `GODEBUG` gets `asyncpreemptoff=1` added to what the
+/// agent itself received; `GODEBUG` and `GLIBC_TUNABLES` from the kernel command line (the PVM
+/// profile sets both to turn AVX off: on PVM the guest kernel cannot save YMM registers, see
+/// guest-image/kernel/cmdline-pvm.txt) are passed on.
+pub fn runtime_env(get: impl Fn(&str) -> Option<String>) -> Vec<(&'static str, String)> {
+    let godebug = match get("GODEBUG").filter(|g| !g.is_empty()) {
+        Some(g) => format!("{g},asyncpreemptoff=1"),
+        None => "asyncpreemptoff=1".to_string(),
+    };
+    let mut env = vec![("GODEBUG", godebug)];
+    if let Some(t) = get("GLIBC_TUNABLES").filter(|t| !t.is_empty()) {
+        env.push(("GLIBC_TUNABLES", t));
+    }
+    env
 }
 
 /// containerd's arguments.
@@ -114,6 +129,23 @@ pub fn dockerd_args(cfg: &Config, network: bool) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_env_passes_pvm_switches_on() {
+        assert_eq!(runtime_env(|_| None), vec![("GODEBUG", "asyncpreemptoff=1".to_string())]);
+        let env = runtime_env(|k| match k {
+            "GODEBUG" => Some("cpu.avx=off,cpu.avx2=off".into()),
+            "GLIBC_TUNABLES" => Some("glibc.cpu.hwcaps=-AVX".into()),
+            _ => None,
+        });
+        assert_eq!(
+            env,
+            vec![
+                ("GODEBUG", "cpu.avx=off,cpu.avx2=off,asyncpreemptoff=1".to_string()),
+                ("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX".to_string()),
+            ]
+        );
+    }
 
     #[test]
     fn dockerd_flags() {
