@@ -11,6 +11,7 @@
 //! | `dinv.ip=<addr/prefix>` `dinv.gw=<addr>` `dinv.dns=<addr>` | eth0 configuration (only if eth0 exists) | none |
 //! | `dinv.mount=<tag>:<guestpath>[:ro]` | 9p share to mount (repeatable) | none |
 //! | `dinv.volume=<dev>:<path>:<uid>:<gid>` | extra ext4 volume (formatted if blank) | none |
+//! | `dinv.docker_tcp=<port>` | dockerd also listens on plain TCP `0.0.0.0:<port>` (no vsock needed: for comparing with other VMMs, as the original DinV ran) | off |
 //! | `dinv.test_shutdown_after=<secs>` | testing: begin shutdown this long after `ready` (or after a daemon died) | off |
 //!
 //! Unknown `dinv.*` parameters are logged and ignored; a bad value is logged and the default kept.
@@ -90,6 +91,8 @@ pub struct Config {
     pub mounts: Vec<Share>,
     /// Extra volumes.
     pub volumes: Vec<Volume>,
+    /// Also serve the docker API on this TCP port (plain; benchmarks against other VMMs).
+    pub docker_tcp: Option<u16>,
     /// Testing aid: shut down this many seconds after `ready`.
     pub test_shutdown_after: Option<u64>,
 }
@@ -107,6 +110,7 @@ impl Default for Config {
             dns: Vec::new(),
             mounts: Vec::new(),
             volumes: Vec::new(),
+            docker_tcp: None,
             test_shutdown_after: None,
         }
     }
@@ -263,6 +267,10 @@ impl Config {
                     Some(vol) => cfg.volumes.push(vol),
                     None => bad("expected /dev/X:/path:uid:gid"),
                 },
+                ("docker_tcp", Some(v)) => match v.parse::<u16>() {
+                    Ok(p) if p > 0 => cfg.docker_tcp = Some(p),
+                    _ => bad("expected a port, 1..=65535"),
+                },
                 ("test_shutdown_after", Some(v)) => match v.parse() {
                     Ok(n) => cfg.test_shutdown_after = Some(n),
                     Err(_) => bad("expected seconds"),
@@ -274,6 +282,7 @@ impl Config {
                     | "dns"
                     | "mount"
                     | "volume"
+                    | "docker_tcp"
                     | "test_shutdown_after",
                     None,
                 ) => bad("missing value"),

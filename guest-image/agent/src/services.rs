@@ -101,8 +101,11 @@ pub fn containerd_args(cfg: &Config) -> Vec<String> {
 
 /// dockerd's arguments. Without a configured eth0 there is no bridge and no iptables.
 pub fn dockerd_args(cfg: &Config, network: bool) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        format!("--host=unix://{DOCKER_SOCK}"),
+    let mut a: Vec<String> = vec![format!("--host=unix://{DOCKER_SOCK}")];
+    if let Some(port) = cfg.docker_tcp {
+        a.push(format!("--host=tcp://0.0.0.0:{port}"));
+    }
+    a.extend([
         format!("--containerd={CONTAINERD_SOCK}"),
         format!("--storage-driver={}", cfg.storage_driver),
         "--data-root=/var/lib/docker".into(),
@@ -113,7 +116,7 @@ pub fn dockerd_args(cfg: &Config, network: bool) -> Vec<String> {
             "--shutdown-timeout={}",
             cfg.shutdown_timeout.saturating_sub(1).max(1)
         ),
-    ];
+    ]);
     if !network {
         a.extend(["--bridge=none", "--iptables=false", "--ip-masq=false"].map(String::from));
     }
@@ -158,6 +161,12 @@ mod tests {
         assert!(a.contains(&"--iptables=false".to_string()));
         assert!(a.contains(&"--insecure-registry=10.0.2.2:5000".to_string()));
         assert!(a.contains(&"--shutdown-timeout=9".to_string()));
+        assert!(!a.iter().any(|x| x.starts_with("--host=tcp")));
+        let (cfg, w) = Config::parse("dinv.docker_tcp=2375");
+        assert!(w.is_empty(), "{w:?}");
+        assert!(dockerd_args(&cfg, true).contains(&"--host=tcp://0.0.0.0:2375".to_string()));
+        let (_, w) = Config::parse("dinv.docker_tcp=0 dinv.docker_tcp");
+        assert_eq!(w.len(), 2, "{w:?}");
         let a = dockerd_args(&cfg, true);
         assert!(!a
             .iter()

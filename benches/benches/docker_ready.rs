@@ -1,0 +1,123 @@
+//! Time from exec to a docker API that answers, dinv vs QEMU booting the same kernel and rootfs
+//! the way the original DinV did: dockerd on TCP 2375 in the guest, reached through
+//! `-netdev user,hostfwd=...`, readiness = `GET /_ping` answers `OK`.
+//!
+//! Both guests get a fresh sparse docker disk (first boot: the agent formats it), 512 MiB,
+//! 1 vCPU and the same kernel parameters (dinv's base line + the PVM profile on PVM hosts).
+//! `scripts/bench docker_ready`; `DINV_BENCH_RUNS` repeats (default 1: ~10 min per boot on PVM).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dinv_tests::{artifact, Running};
+
+const MEMORY: &str = "512M";
+const READY_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+fn dinv_params() -> String {
+    let mut params = dinv_vmm::vm::BASE_CMDLINE.to_string();
+    if dinv_vmm::pvm::host_is_pvm() {
+        params.push(' ');
+        params.push_str(&dinv_vmm::pvm::cmdline_additions());
+    }
+    params
+}
+
+fn sparse(path: &Path, size: u64) {
+    std::fs::File::create(path).and_then(|f| f.set_len(size)).expect("docker disk");
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+    if c.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut resp = String::new();
+    let _ = c.read_to_string(&mut resp);
+    resp.starts_with("HTTP/1.") && resp.contains(" 200 ") && resp.ends_with("OK")
+}
+
+fn dinv_run(dir: &Path) -> f64 {
+    let sock = dir.join("docker.sock");
+    let img = dir.join("dinv-docker.img");
+    let mut vm = Running::spawn([
+        "--kernel".as_ref(),
+        artifact("DINV_KERNEL").as_os_str(),
+        "--rootfs".as_ref(),
+        artifact("DINV_ROOTFS").as_os_str(),
+        "--docker-image".as_ref(),
+        img.as_os_str(),
+        "--docker-size".as_ref(),
+        "8G".as_ref(),
+        "--docker-sock".as_ref(),
+        sock.as_os_str(),
+        "--memory".as_ref(),
+        MEMORY.as_ref(),
+    ]);
+    vm.wait_for("docker API ready", READY_TIMEOUT);
+    let secs = vm.elapsed().as_secs_f64();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
+    vm.wait_exit(Duration::from_secs(300));
+    secs
+}
+
+fn qemu_run(dir: &Path) -> f64 {
+    let img = dir.join("qemu-docker.img");
+    sparse(&img, 8 << 30);
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let append = format!(
+        "{} root=/dev/vda ro init=/sbin/dinv-agent dinv.docker_disk=/dev/vdb dinv.docker_tcp=2375 \
+         dinv.ip=10.0.2.15/24 dinv.gw=10.0.2.2 dinv.dns=10.0.2.3",
+        dinv_params()
+    );
+    let kernel = artifact("DINV_KERNEL").display().to_string();
+    let rootfs = artifact("DINV_ROOTFS").display().to_string();
+    let mut vm = Running::spawn_program(
+        "qemu-system-x86_64",
+        [
+            "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+            "-m", MEMORY, "-smp", "1", "-nodefaults", "-no-user-config",
+            "-nographic", "-serial", "stdio", "-no-reboot",
+            "-kernel", &kernel, "-append", &append,
+            "-drive", &format!("id=root,file={rootfs},format=raw,if=none,readonly=on"),
+            "-device", "virtio-blk-device,drive=root",
+            "-drive", &format!("id=docker,file={},format=raw,if=none", img.display()),
+            "-device", "virtio-blk-device,drive=docker",
+            "-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:2375"),
+            "-device", "virtio-net-device,netdev=n0",
+        ],
+    );
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !ping(port) {
+        assert!(Instant::now() < deadline, "QEMU guest: no /_ping within {READY_TIMEOUT:?}\n{}", vm.tail());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let secs = vm.elapsed().as_secs_f64();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
+    vm.wait_exit(Duration::from_secs(60));
+    secs
+}
+
+fn main() {
+    let runs: usize = std::env::var("DINV_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let mut ours = Vec::new();
+    let mut qemu = Vec::new();
+    for run in 0..runs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        eprintln!("run {}/{runs}: dinv", run + 1);
+        ours.push(dinv_run(dir.path()));
+        eprintln!("run {}/{runs}: qemu", run + 1);
+        qemu.push(qemu_run(dir.path()));
+    }
+    let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!("docker-ready benchmark ({runs} run(s), {MEMORY} guest, 1 vCPU, same kernel + rootfs, fresh docker disk)");
+    println!("{:<8} {:>22}", "vmm", "exec->/_ping OK (s)");
+    println!("{:<8} {:>22.1}", "dinv", avg(&ours));
+    println!("{:<8} {:>22.1}", "qemu", avg(&qemu));
+    println!("ratio dinv/qemu: {:.2} (target <= 0.50)", avg(&ours) / avg(&qemu));
+}
