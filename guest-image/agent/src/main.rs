@@ -96,7 +96,12 @@ fn run_as_init() -> ! {
     if let Err(e) = sys::block_handled_signals() {
         info!("cannot set up signal handling: {e}");
     }
+    let root = mounts::writable_root();
     mounts::early();
+    match root {
+        Ok(()) => info!("root: overlay of the read-only image and a tmpfs"),
+        Err(e) => info!("root stays read-only (no writable overlay: {e}); shares need existing mount points"),
+    }
     info!(
         "dinv-agent {} starting (uptime {:.3}s)",
         control::VERSION,

@@ -36,6 +36,49 @@ fn try_mount(what: &str, r: io::Result<()>) {
     }
 }
 
+/// Where the writable root is assembled before `pivot_root` (must exist in the image).
+const ROOT_STAGING: &str = "/mnt";
+
+/// Makes `/` writable without touching the read-only root image: an overlay of the image
+/// (lower) and a tmpfs (upper) becomes the new root (`pivot_root`), so mount points for 9p
+/// shares and volumes can be created at any path, as `DINV_MOUNTS` promises. Changes live in
+/// RAM only and are gone at the next boot. Runs first, before any other mount; on failure the
+/// root stays read-only and the error is returned for the log.
+pub fn writable_root() -> io::Result<()> {
+    let staging = Path::new(ROOT_STAGING);
+    mount(None, staging, "tmpfs", NOSUID | NODEV, Some("mode=0755"))?;
+    let mut pivoted = false;
+    let result = (|| {
+        for d in ["upper", "work", "root"] {
+            fs::create_dir(staging.join(d))?;
+        }
+        let new_root = staging.join("root");
+        mount(
+            Some(Path::new("overlay")),
+            &new_root,
+            "overlay",
+            0,
+            Some(&format!("lowerdir=/,upperdir={ROOT_STAGING}/upper,workdir={ROOT_STAGING}/work")),
+        )?;
+        // The old root moves to the new root's /mnt (an empty directory of the image), then
+        // goes away; the overlay keeps what it needs referenced.
+        let put_old = new_root.join(ROOT_STAGING.trim_start_matches('/'));
+        if let Err(e) = crate::sys::pivot_root(&new_root, &put_old) {
+            let _ = crate::sys::umount(&new_root, 0);
+            return Err(e);
+        }
+        pivoted = true;
+        std::env::set_current_dir("/")?;
+        crate::sys::umount(staging, libc::MNT_DETACH)?;
+        Ok(())
+    })();
+    if result.is_err() && !pivoted {
+        // Still on the old root: drop the staging tmpfs again.
+        let _ = crate::sys::umount(staging, libc::MNT_DETACH);
+    }
+    result
+}
+
 /// Mounts the kernel filesystems and tmpfs dirs, and overlays `/etc` and `/var`.
 pub fn early() {
     let p = Path::new;

@@ -62,6 +62,21 @@ pub fn setup(cfg: &Config) -> bool {
             crate::info!("write /etc/resolv.conf: {e}");
         }
     }
+    if ok {
+        // Containers reach the outside through eth0; dockerd runs with --iptables=false (see
+        // services::dockerd_args), so the agent owns the one NAT rule they need.
+        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+            crate::info!("enable ip_forward: {e}");
+        }
+        let _ = std::thread::Builder::new().name("nat".into()).spawn(|| {
+            let args = ["-w", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"];
+            match Command::new("/usr/sbin/iptables").args(args).status() {
+                Ok(s) if s.success() => crate::info!("eth0: masquerading container traffic"),
+                Ok(s) => crate::info!("iptables {}: {s}", args.join(" ")),
+                Err(e) => crate::info!("iptables {}: {e}", args.join(" ")),
+            }
+        });
+    }
     crate::info!(
         "eth0 {addr} gw {:?} dns {:?}: {}",
         cfg.gateway,

@@ -45,6 +45,15 @@ pub fn mount(
     Ok(())
 }
 
+/// `pivot_root(2)`.
+pub fn pivot_root(new_root: &Path, put_old: &Path) -> io::Result<()> {
+    let new_root = cstr(new_root)?;
+    let put_old = cstr(put_old)?;
+    // SAFETY: both are valid NUL-terminated strings for the duration of the call.
+    cvt(unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) } as libc::c_int)?;
+    Ok(())
+}
+
 /// `umount2(2)`.
 pub fn umount(target: &Path, flags: libc::c_int) -> io::Result<()> {
     let tgt = cstr(target)?;
