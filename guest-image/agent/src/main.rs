@@ -25,6 +25,7 @@ mod log;
 mod mounts;
 mod net;
 mod ping;
+mod proxy;
 mod services;
 mod sys;
 mod vsock;
@@ -75,6 +76,9 @@ struct Agent {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if proxy::is_proxy_invocation(&args) {
+        proxy::main(&args);
+    }
     if args.iter().any(|a| a == "--version") {
         println!("dinv-agent {}", control::VERSION);
         return;

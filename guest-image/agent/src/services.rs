@@ -12,6 +12,8 @@ use crate::config::Config;
 
 /// containerd's API socket.
 pub const CONTAINERD_SOCK: &str = "/run/containerd/containerd.sock";
+/// Where the agent is installed in the guest (the kernel's `init=`).
+pub const AGENT_PATH: &str = "/sbin/dinv-agent";
 /// dockerd's API socket, the target of the vsock proxy.
 pub const DOCKER_SOCK: &str = "/run/docker.sock";
 
@@ -123,6 +125,9 @@ pub fn dockerd_args(cfg: &Config, network: bool) -> Vec<String> {
         // 17-minute boot). The agent adds the one MASQUERADE rule containers need (net.rs);
         // published ports go through docker-proxy. Not set up: inter-network isolation rules.
         a.push("--iptables=false".into());
+        // dinv-agent doubles as the userland proxy: docker-proxy (Go) cannot start within
+        // dockerd's 16 s deadline on PVM (see proxy.rs).
+        a.push(format!("--userland-proxy-path={AGENT_PATH}"));
     } else {
         a.extend(["--bridge=none", "--iptables=false", "--ip-masq=false"].map(String::from));
     }
@@ -176,5 +181,6 @@ mod tests {
         let a = dockerd_args(&cfg, true);
         assert!(!a.iter().any(|x| x.starts_with("--bridge")));
         assert!(a.contains(&"--iptables=false".to_string()));
+        assert!(a.contains(&"--userland-proxy-path=/sbin/dinv-agent".to_string()));
     }
 }
