@@ -10,6 +10,10 @@
 //! it as fd 4. TCP: each accepted connection is relayed to the container (half-closes
 //! forwarded). UDP: each client address gets its own socket connected to the container; replies
 //! go back from the listening socket; flows idle for 90 s are dropped.
+//!
+//! Binding follows docker-proxy (Go's `net.Listen("tcp6", …)`): an IPv6 host address is bound
+//! with `IPV6_V6ONLY`, because dockerd starts one proxy for `0.0.0.0:P` and another for `[::]:P`
+//! — a dual-stack `[::]:P` would collide with the first ("Address already in use").
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,6 +22,8 @@ use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
 
 const STATUS_FD: i32 = 3;
 const LISTEN_FD: i32 = 4;
@@ -109,7 +115,7 @@ fn tcp(a: &Args) -> io::Result<()> {
         // SAFETY: with -use-listen-fd dockerd passes a bound, listening TCP socket as fd 4.
         unsafe { TcpListener::from_raw_fd(LISTEN_FD) }
     } else {
-        TcpListener::bind(a.host)?
+        bind(a.host, Type::STREAM)?.into()
     };
     status("0\n");
     let target = a.container;
@@ -124,6 +130,23 @@ fn tcp(a: &Args) -> io::Result<()> {
         });
     }
     Ok(())
+}
+
+/// Binds (and for streams, listens on) `addr` the way docker-proxy does: IPv6 addresses are
+/// IPv6-only, TCP listeners reuse addresses in TIME_WAIT.
+fn bind(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    if ty == Type::STREAM {
+        sock.set_reuse_address(true)?;
+    }
+    sock.bind(&addr.into())?;
+    if ty == Type::STREAM {
+        sock.listen(1024)?;
+    }
+    Ok(sock)
 }
 
 fn relay(a: TcpStream, b: TcpStream) {
@@ -143,7 +166,7 @@ fn udp(a: &Args) -> io::Result<()> {
         // SAFETY: with -use-listen-fd dockerd passes a bound UDP socket as fd 4.
         unsafe { UdpSocket::from_raw_fd(LISTEN_FD) }
     } else {
-        UdpSocket::bind(a.host)?
+        bind(a.host, Type::DGRAM)?.into()
     };
     status("0\n");
     let flows: Arc<Mutex<HashMap<SocketAddr, (Arc<UdpSocket>, Instant)>>> = Arc::default();
@@ -222,6 +245,21 @@ mod tests {
         ] {
             assert!(parse(&v(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_wildcards_bind_the_same_port_like_docker_proxy() {
+        // dockerd publishes `-p P:80` as two proxies, 0.0.0.0:P and [::]:P.
+        let v4 = bind("0.0.0.0:0".parse().unwrap(), Type::STREAM).unwrap();
+        let port = v4.local_addr().unwrap().as_socket().unwrap().port();
+        let v6 = bind(SocketAddr::new("::".parse().unwrap(), port), Type::STREAM)
+            .expect("[::]:P must be IPv6-only so it does not collide with 0.0.0.0:P");
+        assert!(v6.only_v6().unwrap());
+        let u4 = bind("0.0.0.0:0".parse().unwrap(), Type::DGRAM).unwrap();
+        let uport = u4.local_addr().unwrap().as_socket().unwrap().port();
+        bind(SocketAddr::new("::".parse().unwrap(), uport), Type::DGRAM).unwrap();
+        // And a real conflict is still reported.
+        assert!(bind(SocketAddr::new("0.0.0.0".parse().unwrap(), port), Type::STREAM).is_err());
     }
 
     #[test]
