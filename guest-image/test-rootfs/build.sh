@@ -3,10 +3,11 @@
 # root privileges (mkfs.ext4 -d), cached by input hash.
 #
 # Usage: img=$(guest-image/test-rootfs/build.sh | tail -1)
-#   -> .../test-rootfs/<sha256>/rootfs.ext4   (label dinvtest, 64 MiB)
+#   -> .../test-rootfs/<sha256>/rootfs.ext4   (label dinvtest, 96 MiB)
 # Cache: ${DINV_CACHE:-$HOME/.cache/dinv}/test-rootfs/<sha256>/
 # Logs go to stderr; the last stdout line is the absolute image path.
-# Needs (apt): busybox-static e2fsprogs.
+# Needs (apt): busybox-static e2fsprogs iperf3 (the network benchmark's guest side; copied with
+# its shared libraries).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -18,12 +19,16 @@ bb_version=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null) \
     || die "busybox-static is not installed (apt-get install busybox-static)"
 [[ -x $busybox ]] || die "$busybox missing"
 command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 missing (apt-get install e2fsprogs)"
+iperf_version=$(dpkg-query -W -f='${Version}' iperf3 2>/dev/null) \
+    || die "iperf3 is not installed (apt-get install iperf3)"
 e2fs_version=$(dpkg-query -W -f='${Version}' e2fsprogs 2>/dev/null || mkfs.ext4 -V 2>&1 | head -1)
 
 key=$(
     {
         echo "busybox-static=$bb_version"
         echo "e2fsprogs=$e2fs_version"
+        echo "iperf3=$iperf_version"
+        ldd /usr/bin/iperf3 | awk '$3 ~ /^\// { print $3 }' | xargs -r dpkg -S 2>/dev/null | sort
         sha256sum < "$here/build.sh"
         sha256sum < "$here/init"
     } | sha256sum | cut -d' ' -f1
@@ -63,7 +68,14 @@ log "busybox $bb_version with $n applets"
 
 install -m 0755 "$here/init" "$root/init"
 
-mkfs.ext4 -q -d "$root" -L dinvtest -E root_owner=0:0 "$work/out/rootfs.ext4" 64M >&2
+# iperf3 and the shared libraries it loads (dynamic loader included), at the same paths.
+cp /usr/bin/iperf3 "$root/bin/iperf3"
+for lib in $(ldd /usr/bin/iperf3 | awk '$3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+
+mkfs.ext4 -q -d "$root" -L dinvtest -E root_owner=0:0 "$work/out/rootfs.ext4" 96M >&2
 if ! mv -T "$work/out" "$out" 2>/dev/null; then
     [[ -s $out/rootfs.ext4 ]] || die "could not install $out"
 fi

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use dinv_vmm::{Console, DiskConfig, EntryPreference, PvmMode, Vm};
+use dinv_vmm::{Console, DiskConfig, EntryPreference, NetConfig, P9Config, PvmMode, Vm};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -84,6 +84,57 @@ struct DaemonArgs {
     /// Host directories shared with the guest: `HOST[:GUEST][:ro]`, `;`-separated.
     #[arg(long, env = "DINV_MOUNTS", default_value = "")]
     mounts: String,
+    /// Also serve the docker API over plain TCP on 2375 (no authentication: prefer --tlsverify).
+    #[arg(long, env = "DINV_TCP", conflicts_with = "local")]
+    tcp: bool,
+    /// Serve the docker API over TLS on 2376 (server certificate only).
+    #[arg(long, env = "DINV_TLS", conflicts_with = "local")]
+    tls: bool,
+    /// Serve the docker API over TLS on 2376 and require client certificates signed by the CA.
+    #[arg(long, env = "DINV_TLSVERIFY", conflicts_with = "local")]
+    tlsverify: bool,
+    /// Certificate directory (docker's names: ca.pem, server-cert.pem, server-key.pem, cert.pem,
+    /// key.pem); generated with a new CA when the server pair is missing.
+    #[arg(long, env = "DINV_CERTS_DIR", default_value = "/certs")]
+    certs_dir: PathBuf,
+    /// Extra subject alternative name (IP or DNS) for a generated server certificate; repeatable
+    /// (env: comma-separated).
+    #[arg(long = "tls-san", env = "DINV_TLS_SAN", value_delimiter = ',')]
+    tls_san: Vec<String>,
+    /// Address for the TCP API (default 0.0.0.0 on 2375, or 2376 with TLS).
+    #[arg(long, env = "DINV_TCP_LISTEN", value_name = "ADDR:PORT")]
+    tcp_listen: Option<std::net::SocketAddr>,
+    /// Serve the docker API on the unix socket only (refuses --tcp/--tls/--tlsverify).
+    #[arg(long, env = "DINV_LOCAL")]
+    local: bool,
+}
+
+impl DaemonArgs {
+    /// The TCP API the flags ask for, if any.
+    fn tcp_api(&self) -> anyhow::Result<Option<dinv_vmm::daemon::api::TcpApi>> {
+        use dinv_vmm::daemon::api::{check_san, TcpApi, TlsSettings};
+        for san in &self.tls_san {
+            check_san(san).map_err(|e| anyhow::anyhow!("--tls-san: {e}"))?;
+        }
+        let mut api = if self.tls || self.tlsverify {
+            TcpApi::tls(TlsSettings {
+                certs_dir: self.certs_dir.clone(),
+                verify: self.tlsverify,
+                extra_sans: self.tls_san.clone(),
+            })
+        } else if self.tcp {
+            TcpApi::plain()
+        } else {
+            if self.tcp_listen.is_some() {
+                anyhow::bail!("--tcp-listen: needs --tcp, --tls or --tlsverify");
+            }
+            return Ok(None);
+        };
+        if let Some(addr) = self.tcp_listen {
+            api.listen = addr;
+        }
+        Ok(Some(api))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -113,6 +164,14 @@ struct BootArgs {
     /// PVM compatibility profile.
     #[arg(long, value_enum, default_value_t = Pvm::Auto)]
     pvm: Pvm,
+    /// Share a host directory over virtio-9p under mount tag TAG; `,ro` for read-only
+    /// (repeatable).
+    #[arg(long = "share", value_name = "TAG=PATH[,ro]")]
+    shares: Vec<String>,
+    /// Attach virtio-net backed by the user-mode netstack on this subnet (guest .15, gateway
+    /// .1, DNS .3, host loopback .2), e.g. 10.234.0.0/24. The guest configures its own address.
+    #[arg(long, value_name = "SUBNET")]
+    net: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -140,6 +199,21 @@ fn disk(spec: &str) -> Result<DiskConfig, String> {
     Ok(cfg)
 }
 
+fn share(spec: &str) -> Result<P9Config, String> {
+    let (tag, rest) = spec.split_once('=').ok_or_else(|| format!("--share {spec}: expected TAG=PATH[,ro]"))?;
+    let (path, ro) = match rest.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        _ => (rest, false),
+    };
+    if tag.is_empty() || path.is_empty() {
+        return Err(format!("--share {spec}: expected TAG=PATH[,ro]"));
+    }
+    let mut cfg = P9Config::new(tag, path);
+    cfg.server.read_only = ro;
+    Ok(cfg)
+}
+
 fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     let memory = dinv_vmm::size::parse_size(&args.memory).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
     let mut builder = Vm::builder()
@@ -158,6 +232,16 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         });
     for spec in &args.disks {
         builder = builder.disk(disk(spec).map_err(anyhow::Error::msg)?);
+    }
+    for spec in &args.shares {
+        builder = builder.share(share(spec).map_err(anyhow::Error::msg)?);
+    }
+    if let Some(subnet) = &args.net {
+        use anyhow::Context as _;
+        let subnet: netstack::Ipv4Subnet = subnet.parse().map_err(|e| anyhow::anyhow!("--net {subnet:?}: {e}"))?;
+        netstack::config::check_host_routes(subnet).context("--net")?;
+        let cfg = dinv_vmm::daemon::guest_network(netstack::Config::for_subnet(subnet).context("--net")?);
+        builder = builder.net(NetConfig::with_backend(Box::new(netstack::NetStack::new(cfg)?)));
     }
     if let Some(path) = args.console {
         builder = builder.console(Console::File(path));
@@ -181,7 +265,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let mut network = netstack::Config::for_subnet(subnet).context("DINV_SUBNET")?;
     network.tcp_forwards = netstack::parse_port_list(&args.tcp_ports).context("DINV_TCP_PORTS")?;
     network.udp_forwards = netstack::parse_port_list(&args.udp_ports).context("DINV_UDP_PORTS")?;
+    let tcp_api = args.tcp_api()?;
     let mut cfg = dinv_vmm::daemon::DaemonConfig::new(args.kernel, args.rootfs);
+    cfg.tcp_api = tcp_api;
     cfg.memory = size("DINV_MEMORY", &args.memory)?;
     cfg.docker_size = size("DINV_DOCKER_SIZE", &args.docker_size)?;
     cfg.docker_image = args.docker_image;
@@ -194,6 +280,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     cfg.extra_cmdline = args.cmdline;
     cfg.network = Some(dinv_vmm::daemon::guest_network(network));
     cfg.mounts = dinv_vmm::daemon::parse_mounts(&args.mounts)?;
+
     let exit = dinv_vmm::daemon::run(cfg)?;
     if exit.is_clean() {
         tracing::info!("{exit}");

@@ -57,7 +57,7 @@ pub fn parse(args: &[String]) -> Result<Args, String> {
         let name = flag_name(a).ok_or_else(|| format!("unexpected argument {a:?}"))?;
         let inline = a.split_once('=').map(|(_, v)| v.to_string());
         if name == "use-listen-fd" {
-            use_listen_fd = inline.as_deref().map_or(true, |v| v == "true" || v == "1");
+            use_listen_fd = inline.as_deref().is_none_or(|v| v == "true" || v == "1");
             continue;
         }
         let value = match inline {
@@ -161,6 +161,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
+/// UDP flows by client address: the socket connected to the container, last use.
+type Flows = HashMap<SocketAddr, (Arc<UdpSocket>, Instant)>;
+
 fn udp(a: &Args) -> io::Result<()> {
     let sock = if a.use_listen_fd {
         // SAFETY: with -use-listen-fd dockerd passes a bound UDP socket as fd 4.
@@ -169,7 +172,7 @@ fn udp(a: &Args) -> io::Result<()> {
         bind(a.host, Type::DGRAM)?.into()
     };
     status("0\n");
-    let flows: Arc<Mutex<HashMap<SocketAddr, (Arc<UdpSocket>, Instant)>>> = Arc::default();
+    let flows: Arc<Mutex<Flows>> = Arc::default();
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, client) = sock.recv_from(&mut buf)?;

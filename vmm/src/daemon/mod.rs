@@ -11,6 +11,7 @@
 //! timeout plus [`SHUTDOWN_MARGIN`], or a second signal arrives, the VM is stopped hard. A hard
 //! stop loses at most writes the guest never flushed: every virtio-blk flush is an fdatasync.
 
+pub mod api;
 pub mod control;
 pub mod mounts;
 
@@ -67,6 +68,8 @@ pub struct DaemonConfig {
     pub network: Option<netstack::Config>,
     /// Host directories shared with the guest (virtio-9p).
     pub mounts: Vec<Mount>,
+    /// The docker API over TCP (plain or TLS), besides the unix socket; `None`: unix only.
+    pub tcp_api: Option<api::TcpApi>,
 }
 
 impl DaemonConfig {
@@ -87,6 +90,7 @@ impl DaemonConfig {
             extra_cmdline: String::new(),
             network: Some(guest_network(netstack::Config::default())),
             mounts: Vec::new(),
+            tcp_api: None,
         }
     }
 }
@@ -158,6 +162,9 @@ pub enum DaemonError {
         /// Why.
         source: io::Error,
     },
+    /// The TCP API could not be set up.
+    #[error("Docker API over TCP: {0}")]
+    TcpApi(#[from] api::ApiError),
     /// Signal handling could not be installed.
     #[error("Signal handling: {0}")]
     Signals(io::Error),
@@ -235,6 +242,11 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
     })?;
     let docker = bind_socket(&cfg.docker_sock, cfg.docker_sock_uid, cfg.docker_sock_gid)
         .map_err(|source| DaemonError::Socket { path: cfg.docker_sock.clone(), source })?;
+    // TCP clients are relayed to the unix socket (TLS terminates here, never in the guest).
+    let tcp_addr = match &cfg.tcp_api {
+        Some(tcp) => Some((api::serve(tcp, cfg.docker_sock.clone())?, tcp.tls.is_some())),
+        None => None,
+    };
 
     let console = match &cfg.console_log {
         Some(path) => Console::File(path.clone()),
@@ -289,8 +301,13 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
                     // The agent replays `ready` when it reconnects: announce once.
                     AgentEvent::Ready if !announced => {
                         announced = true;
+                        let tcp = match tcp_addr {
+                            Some((addr, true)) => format!(" and tcp://{addr} (TLS)"),
+                            Some((addr, false)) => format!(" and tcp://{addr}"),
+                            None => String::new(),
+                        };
                         println!(
-                            "dinv: docker API ready at unix://{} ({:.1}s)",
+                            "dinv: docker API ready at unix://{}{tcp} ({:.1}s)",
                             sock.display(),
                             started.elapsed().as_secs_f64()
                         );

@@ -1,0 +1,193 @@
+//! Guest I/O benchmark: 9P bind-mount throughput and metadata speed, and user-mode network
+//! throughput (iperf3), dinv beside QEMU on the same kernel, root filesystem and machine.
+//!
+//! One boot per VMM. The tiny test rootfs's `/init` runs the workloads when the kernel command
+//! line says `dinv.bench=p9,net` and prints `DINV-BENCH <name> <value>` lines:
+//! - 9P (dinv: our virtio-9p server; QEMU: `-fsdev local` + `virtio-9p-device`), both mounted
+//!   with dinv-agent's options (`trans=virtio,version=9p2000.L,cache=none`) and the same msize:
+//!   `dd` 1 GiB write (`conv=fsync`) and read, create / stat (`ls -l`) / unlink 10,000 files,
+//!   untar a source tree (Linux's `fs/`, from Debian's linux-source) from the share into it.
+//! - Network (dinv: netstack behind virtio-net; QEMU: `-netdev user`, i.e. slirp): iperf3 for
+//!   10 s each way between the guest and an `iperf3 -s` on the host's 127.0.0.1, reached through
+//!   each stack's host-loopback address (dinv 10.234.0.2, slirp 10.0.2.2).
+//!
+//! Targets (issues 4 and 5): network ≥ 3× QEMU's user networking; 9P sequential ≥ 3× and
+//! metadata ≥ 2× QEMU's virtio-9p.
+//!
+//! Run: `scripts/bench guest_io`. `DINV_BENCH_ONLY=dinv|qemu` runs one side;
+//! `DINV_BENCH_WORK=p9|net|p9,net` selects the workloads.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use dinv_tests::{artifact, Running};
+
+const GUEST_MEM_MIB: u64 = 256;
+const MSIZE: u32 = 512_000;
+const TIMEOUT: Duration = Duration::from_secs(90 * 60);
+const SUBNET: &str = "10.234.0.0/24";
+
+fn dinv_params() -> String {
+    let mut params = dinv_vmm::vm::BASE_CMDLINE.to_string();
+    if dinv_vmm::pvm::host_is_pvm() {
+        params.push(' ');
+        params.push_str(&dinv_vmm::pvm::cmdline_additions());
+    }
+    params
+}
+
+/// Runs one guest to `DINV-TEST-DONE` and returns its `DINV-BENCH` values.
+fn collect(mut vm: Running) -> BTreeMap<String, String> {
+    vm.wait_for("DINV-TEST-DONE", TIMEOUT);
+    let fails = vm.lines_with("DINV-TEST-FAIL");
+    assert!(fails.is_empty(), "guest reported failures: {fails:?}\n{}", vm.tail());
+    let mut out = BTreeMap::new();
+    for line in vm.lines_with("DINV-BENCH ") {
+        let rest = &line[line.find("DINV-BENCH ").unwrap_or(0) + "DINV-BENCH ".len()..];
+        if let Some((k, v)) = rest.trim().split_once(' ') {
+            eprintln!("  {k} = {v}");
+            out.insert(k.to_string(), v.trim().to_string());
+        }
+    }
+    vm.kill();
+    out
+}
+
+/// An `iperf3 -s` on 127.0.0.1 (serves both directions, one test at a time).
+fn iperf_server() -> (Child, u16) {
+    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let child = Command::new("iperf3")
+        .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 is required (apt-get install iperf3)");
+    (child, port)
+}
+
+/// A fresh share directory holding the source tarball the guest untars.
+fn fresh_share(base: &Path, name: &str, tarball: &Path) -> std::path::PathBuf {
+    let dir = base.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("share dir");
+    std::fs::copy(tarball, dir.join("src.tar")).expect("copy tarball");
+    dir
+}
+
+/// Linux's `fs/` directory as a plain tar (the untar workload).
+fn source_tarball(base: &Path) -> std::path::PathBuf {
+    let src = std::fs::read_dir("/usr/src")
+        .expect("/usr/src")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("linux-source-") && p.to_string_lossy().ends_with(".tar.xz"))
+        .expect("Debian's linux-source tarball in /usr/src (apt-get install linux-source-6.1)");
+    let top = src.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".tar.xz")).expect("name");
+    let out = base.join("src.tar");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -xJf {src} -C {base} {top}/fs && tar -cf {out} -C {base}/{top} fs && rm -rf {base}/{top}",
+            src = src.display(),
+            base = base.display(),
+            out = out.display()
+        ))
+        .status()
+        .expect("tar");
+    assert!(status.success(), "could not build the source tarball");
+    out
+}
+
+fn main() {
+    let kernel = artifact("DINV_KERNEL");
+    let rootfs = artifact("DINV_TEST_ROOTFS");
+    let only = std::env::var("DINV_BENCH_ONLY").unwrap_or_default();
+    let work = std::env::var("DINV_BENCH_WORK").unwrap_or_else(|_| "p9,net".into());
+    // On disk, not tmpfs: both servers write real files.
+    let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let tarball = source_tarball(base.path());
+    let mem = format!("{GUEST_MEM_MIB}M");
+    let (mut iperf, port) = iperf_server();
+    let net = netstack::Config::for_subnet(SUBNET.parse().expect("subnet")).expect("subnet config");
+    let mut results: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+
+    if only.is_empty() || only == "dinv" {
+        eprintln!("dinv: booting (guest_io: {work})");
+        let share = fresh_share(base.path(), "dinv-share", &tarball);
+        let cmdline = format!(
+            "root=/dev/vda ro init=/init dinv.bench={work} dinv.msize={MSIZE} dinv.ip={}/{} dinv.gw={} \
+             dinv.hostlo={} dinv.iperf_port={port}",
+            net.guest_ip,
+            net.subnet.prefix(),
+            net.gateway_ip,
+            net.host_loopback_ip
+        );
+        results.insert(
+            "dinv",
+            collect(Running::spawn([
+                "boot".into(),
+                "--kernel".into(),
+                kernel.clone().into_os_string(),
+                "--memory".into(),
+                mem.clone().into(),
+                "--disk".into(),
+                format!("{},ro", rootfs.display()).into(),
+                "--share".into(),
+                format!("bench={}", share.display()).into(),
+                "--net".into(),
+                SUBNET.into(),
+                "--cmdline".into(),
+                cmdline.into(),
+            ] as [std::ffi::OsString; 13])),
+        );
+    }
+    if only.is_empty() || only == "qemu" {
+        eprintln!("qemu: booting (guest_io: {work})");
+        let share = fresh_share(base.path(), "qemu-share", &tarball);
+        let append = format!(
+            "{} root=/dev/vda ro init=/init dinv.bench={work} dinv.msize={MSIZE} dinv.ip=10.0.2.15/24 \
+             dinv.gw=10.0.2.2 dinv.hostlo=10.0.2.2 dinv.iperf_port={port}",
+            dinv_params()
+        );
+        results.insert(
+            "qemu",
+            collect(Running::spawn_program(
+                "qemu-system-x86_64",
+                [
+                    "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+                    "-m", &GUEST_MEM_MIB.to_string(), "-smp", "1", "-nodefaults", "-no-user-config",
+                    "-nographic", "-serial", "stdio", "-no-reboot",
+                    "-kernel", &kernel.display().to_string(), "-append", &append,
+                    "-drive", &format!("id=root,file={},format=raw,if=none,readonly=on", rootfs.display()),
+                    "-device", "virtio-blk-device,drive=root",
+                    "-fsdev", &format!("local,id=bench,path={},security_model=none", share.display()),
+                    "-device", "virtio-9p-device,fsdev=bench,mount_tag=bench",
+                    "-netdev", "user,id=n0",
+                    "-device", "virtio-net-device,netdev=n0",
+                ],
+            )),
+        );
+    }
+    let _ = iperf.kill();
+    let _ = iperf.wait();
+
+    println!("guest I/O benchmark ({GUEST_MEM_MIB} MiB guest, 1 vCPU, same kernel + rootfs, msize {MSIZE})");
+    let keys: std::collections::BTreeSet<&String> = results.values().flat_map(|m| m.keys()).collect();
+    println!("{:<20} {:>12} {:>12} {:>14}", "metric", "dinv", "qemu", "dinv advantage");
+    for k in keys {
+        let get = |vmm: &str| results.get(vmm).and_then(|m| m.get(k)).cloned().unwrap_or_else(|| "-".into());
+        let (d, q) = (get("dinv"), get("qemu"));
+        // Seconds: lower is better; Mbit/s and counts: higher is better.
+        let adv = match (d.parse::<f64>(), q.parse::<f64>()) {
+            (Ok(d), Ok(q)) if d > 0.0 && q > 0.0 && k.ends_with("-mbit") => format!("{:.2}x", d / q),
+            (Ok(d), Ok(q)) if d > 0.0 && q > 0.0 && !k.ends_with("-files") => format!("{:.2}x", q / d),
+            _ => String::new(),
+        };
+        let unit = if k.ends_with("-mbit") { "Mbit/s" } else if k.ends_with("-files") { "files" } else { "s" };
+        println!("{:<20} {:>12} {:>12} {:>14}   ({unit})", k, d, q, adv);
+    }
+    println!("targets: net >= 3x, p9 read/write >= 3x, p9 metadata >= 2x");
+}
