@@ -11,6 +11,13 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dinv_vmm::{Console, DiskConfig, EntryPreference, NetConfig, P9Config, PvmMode, Vm};
 
+/// Smallest guest memory the daemon accepts (dockerd + containerd + a container).
+const MIN_MEMORY: u64 = 256 << 20;
+/// Smallest docker disk.
+const MIN_DOCKER_DISK: u64 = 1 << 30;
+/// Smallest extra volume.
+const MIN_VOLUME: u64 = 16 << 20;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "dinv",
@@ -107,6 +114,30 @@ struct DaemonArgs {
     /// Serve the docker API on the unix socket only (refuses --tcp/--tls/--tlsverify).
     #[arg(long, env = "DINV_LOCAL")]
     local: bool,
+    /// Guest path of an extra ext4 volume (formatted on first use); unset: no volume.
+    #[arg(long, env = "DINV_VOLUME_PATH")]
+    volume_path: Option<String>,
+    /// Size of a new volume image (sparse; K/M/G suffixes).
+    #[arg(long, env = "DINV_VOLUME_SIZE", default_value = "64G")]
+    volume_size: String,
+    /// Owner (uid) of the volume's root directory in the guest.
+    #[arg(long, env = "DINV_VOLUME_UID", default_value_t = 0)]
+    volume_uid: u32,
+    /// Group (gid) of the volume's root directory in the guest.
+    #[arg(long, env = "DINV_VOLUME_GID", default_value_t = 0)]
+    volume_gid: u32,
+    /// Host image file of the volume.
+    #[arg(long, env = "DINV_VOLUME_IMAGE", default_value = "/volume/volume.img")]
+    volume_image: PathBuf,
+    /// Registry dockerd may reach over plain HTTP (repeatable; env: comma-separated).
+    #[arg(long = "insecure-registry", env = "DINV_INSECURE_REGISTRY", value_delimiter = ',')]
+    insecure_registry: Vec<String>,
+    /// dockerd storage driver (default overlay2).
+    #[arg(long, env = "DINV_STORAGE_DRIVER")]
+    storage_driver: Option<String>,
+    /// Debug output: dinv log level debug, verbose guest agent, dockerd --debug.
+    #[arg(long, env = "DEBUG")]
+    debug: bool,
 }
 
 impl DaemonArgs {
@@ -266,10 +297,43 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     network.tcp_forwards = netstack::parse_port_list(&args.tcp_ports).context("DINV_TCP_PORTS")?;
     network.udp_forwards = netstack::parse_port_list(&args.udp_ports).context("DINV_UDP_PORTS")?;
     let tcp_api = args.tcp_api()?;
+    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if args.cpus == 0 || usize::from(args.cpus) > host_cpus {
+        anyhow::bail!("DINV_CPUS={}: must be between 1 and this host's {host_cpus} CPUs", args.cpus);
+    }
+    let volume = match &args.volume_path {
+        Some(path) => {
+            let size = size("DINV_VOLUME_SIZE", &args.volume_size)?;
+            if size < MIN_VOLUME {
+                anyhow::bail!("DINV_VOLUME_SIZE={}: at least 16M", args.volume_size);
+            }
+            Some(
+                dinv_vmm::daemon::Volume::new(&args.volume_image, size, path, args.volume_uid, args.volume_gid)
+                    .map_err(|e| anyhow::anyhow!("DINV_VOLUME_PATH: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    for r in &args.insecure_registry {
+        dinv_vmm::daemon::check_registry(r).map_err(|e| anyhow::anyhow!("--insecure-registry: {e}"))?;
+    }
+    if let Some(d) = &args.storage_driver {
+        dinv_vmm::daemon::check_storage_driver(d).map_err(|e| anyhow::anyhow!("--storage-driver: {e}"))?;
+    }
     let mut cfg = dinv_vmm::daemon::DaemonConfig::new(args.kernel, args.rootfs);
     cfg.tcp_api = tcp_api;
+    cfg.volume = volume;
+    cfg.insecure_registries = args.insecure_registry.clone();
+    cfg.storage_driver = args.storage_driver.clone();
+    cfg.debug = args.debug;
     cfg.memory = size("DINV_MEMORY", &args.memory)?;
+    if cfg.memory < MIN_MEMORY {
+        anyhow::bail!("DINV_MEMORY={}: dockerd needs at least 256M", args.memory);
+    }
     cfg.docker_size = size("DINV_DOCKER_SIZE", &args.docker_size)?;
+    if cfg.docker_size < MIN_DOCKER_DISK {
+        anyhow::bail!("DINV_DOCKER_SIZE={}: at least 1G", args.docker_size);
+    }
     cfg.docker_image = args.docker_image;
     cfg.docker_sock = args.docker_sock;
     cfg.docker_sock_uid = args.docker_sock_uid;
@@ -293,8 +357,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let level = if cli.daemon.debug && cli.log_level == "info" { "debug" } else { cli.log_level.as_str() };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -70,6 +70,59 @@ pub struct DaemonConfig {
     pub mounts: Vec<Mount>,
     /// The docker API over TCP (plain or TLS), besides the unix socket; `None`: unix only.
     pub tcp_api: Option<api::TcpApi>,
+    /// An extra ext4 volume for the guest (`DINV_VOLUME_*`), attached as `/dev/vdc`.
+    pub volume: Option<Volume>,
+    /// dockerd `--insecure-registry` entries.
+    pub insecure_registries: Vec<String>,
+    /// dockerd `--storage-driver` (`None`: dockerd's choice, overlay2).
+    pub storage_driver: Option<String>,
+    /// Verbose guest agent, dockerd `--debug`.
+    pub debug: bool,
+}
+
+/// An extra sparse ext4 disk, formatted by the agent on first use and mounted in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// Host image file (sparse; created when missing, grown never shrunk).
+    pub image: PathBuf,
+    /// Size of a new image, in bytes.
+    pub size: u64,
+    /// Absolute guest path it is mounted on.
+    pub guest_path: String,
+    /// Owner of the volume's root directory in the guest.
+    pub uid: u32,
+    /// Group of the volume's root directory in the guest.
+    pub gid: u32,
+}
+
+impl Volume {
+    /// A volume mounted at `guest_path` (checked like a `DINV_MOUNTS` guest path).
+    pub fn new(image: impl Into<PathBuf>, size: u64, guest_path: &str, uid: u32, gid: u32) -> Result<Self, String> {
+        let guest_path = mounts::check_guest_path(guest_path)?;
+        Ok(Self { image: image.into(), size, guest_path, uid, gid })
+    }
+}
+
+/// Checks a dockerd `--insecure-registry` value: `host[:port]` or a CIDR, nothing else.
+pub fn check_registry(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:/[]_".contains(&b))
+        && !s.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not a registry address (host[:port] or CIDR)"))
+    }
+}
+
+/// Checks a dockerd `--storage-driver` name.
+pub fn check_storage_driver(s: &str) -> Result<(), String> {
+    if !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not a storage driver name (e.g. overlay2, vfs)"))
+    }
 }
 
 impl DaemonConfig {
@@ -91,6 +144,10 @@ impl DaemonConfig {
             network: Some(guest_network(netstack::Config::default())),
             mounts: Vec::new(),
             tcp_api: None,
+            volume: None,
+            insecure_registries: Vec::new(),
+            storage_driver: None,
+            debug: false,
         }
     }
 }
@@ -121,6 +178,18 @@ fn agent_cmdline(cfg: &DaemonConfig) -> String {
     for (i, m) in cfg.mounts.iter().enumerate() {
         c += &format!(" dinv.mount={}:{}{}", share_tag(i), m.guest, if m.read_only { ":ro" } else { "" });
     }
+    if let Some(v) = &cfg.volume {
+        c += &format!(" dinv.volume=/dev/vdc:{}:{}:{}", v.guest_path, v.uid, v.gid);
+    }
+    for r in &cfg.insecure_registries {
+        c += &format!(" dinv.insecure_registry={r}");
+    }
+    if let Some(d) = &cfg.storage_driver {
+        c += &format!(" dinv.storage_driver={d}");
+    }
+    if cfg.debug {
+        c += " dinv.debug=1";
+    }
     if !cfg.extra_cmdline.trim().is_empty() {
         c += " ";
         c += cfg.extra_cmdline.trim();
@@ -147,7 +216,7 @@ pub enum DaemonError {
         source: io::Error,
     },
     /// The docker disk could not be created.
-    #[error("Cannot create docker disk {path}: {source}")]
+    #[error("Cannot create disk image {path}: {source}")]
     DockerDisk {
         /// Image path.
         path: PathBuf,
@@ -231,6 +300,11 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
         source,
     })?;
 
+    if let Some(v) = &cfg.volume {
+        prepare_docker_disk(&v.image, v.size)
+            .map_err(|source| DaemonError::DockerDisk { path: v.image.clone(), source })?;
+    }
+
     let runtime = tempfile::Builder::new()
         .prefix("dinv-")
         .tempdir()
@@ -267,6 +341,9 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
             host_ports: vec![(CONTROL_PORT, control_path)],
         })
         .console(console);
+    if let Some(v) = &cfg.volume {
+        builder = builder.disk(DiskConfig::new(&v.image));
+    }
     if let Some(net) = &cfg.network {
         let stack = netstack::NetStack::new(net.clone())?;
         let (tcp, udp) = stack.forward_addrs();

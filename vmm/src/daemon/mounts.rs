@@ -73,12 +73,12 @@ pub fn parse_mounts(list: &str) -> Result<Vec<Mount>, MountError> {
 
 /// A guest path must be absolute, normal (no `.`/`..`), fit on the kernel command line (no
 /// whitespace, `:` or control characters) and not hide a system directory.
-fn check_guest_path(path: &str) -> Result<String, String> {
+pub(crate) fn check_guest_path(path: &str) -> Result<String, String> {
     if !path.starts_with('/') {
         return Err(format!("guest path {path:?} is not absolute"));
     }
-    if path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"') {
-        return Err(format!("guest path {path:?} contains whitespace, quotes or control characters"));
+    if path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == ':') {
+        return Err(format!("guest path {path:?} contains whitespace, quotes, colons or control characters"));
     }
     let mut normal = PathBuf::from("/");
     for c in Path::new(path).components() {
