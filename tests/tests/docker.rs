@@ -166,13 +166,61 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     let fwd_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mounts = format!("{}:/data;{}:/ro:ro", share.display(), ro_share.display());
     let tcp_ports = format!("{fwd_port}:8080");
-    let mut dinv = start(dir.path(), &["--mounts", &mounts, "--tcp-ports", &tcp_ports]);
+    // The docker API over TLS with client verification, on a free loopback port.
+    let tls_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tls_listen = format!("127.0.0.1:{tls_port}");
+    let certs = dir.path().join("certs");
+    let volume_img = dir.path().join("volume.img");
+    let mut dinv = start(
+        dir.path(),
+        &[
+            "--mounts", &mounts, "--tcp-ports", &tcp_ports,
+            "--tlsverify", "--certs-dir", certs.to_str().unwrap(), "--tcp-listen", &tls_listen,
+            "--memory", "640M",
+            "--volume-path", "/vol", "--volume-size", "256M", "--volume-uid", "1234", "--volume-gid", "2345",
+            "--volume-image", volume_img.to_str().unwrap(),
+            "--docker-sock-gid", "4321",
+            "--insecure-registry", "registry.dinv.test:5000",
+            "--storage-driver", "overlay2",
+        ],
+    );
+    // The socket's group (DINV_DOCKER_SOCK_GID).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&dinv.sock).unwrap();
+        assert_eq!((meta.gid(), meta.mode() & 0o777), (4321, 0o660), "docker socket group/mode");
+    }
 
     // Client and server both answer.
     let version = dinv.docker_ok(&["version", "--format", "{{.Client.Version}} {{.Server.Version}}"]);
     assert_eq!(version.split_whitespace().count(), 2, "{version}");
-    let info = dinv.docker_ok(&["info", "--format", "{{.Driver}} {{.NCPU}} {{.OSType}}"]);
-    assert!(info.starts_with("overlay2 ") && info.trim_end().ends_with("linux"), "{info}");
+    let info = dinv.docker_ok(&["info", "--format", "{{.Driver}} {{.NCPU}} {{.OSType}} {{.MemTotal}}"]);
+    let f: Vec<&str> = info.split_whitespace().collect();
+    assert_eq!(f.len(), 4, "{info}");
+    assert_eq!((f[0], f[2]), ("overlay2", "linux"), "{info}");
+    // One vCPU (the default; PVM hosts are clamped to 1 anyway); 640M of guest memory, less
+    // what the kernel keeps.
+    assert_eq!(f[1], "1", "{info}");
+    let mem: u64 = f[3].parse().unwrap();
+    assert!((576 << 20..=640 << 20).contains(&mem), "MemTotal {mem} for --memory 640M");
+    let info = dinv.docker_ok(&["info"]);
+    assert!(info.contains("registry.dinv.test:5000"), "insecure registry missing:\n{info}");
+
+    // The same API over TLS: the generated client certificate works, no certificate does not.
+    let tls = |extra: &[&str]| {
+        Command::new("docker")
+            .env("DOCKER_CONFIG", dir.path().join("no-config"))
+            .args(["-H", &format!("tcp://127.0.0.1:{tls_port}"), "--tlsverify"])
+            .args(["--tlscacert", certs.join("ca.pem").to_str().unwrap()])
+            .args(extra)
+            .args(["version", "--format", "{{.Server.Version}}"])
+            .output()
+            .unwrap()
+    };
+    let ok = tls(&["--tlscert", certs.join("cert.pem").to_str().unwrap(), "--tlskey", certs.join("key.pem").to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), version.split_whitespace().nth(1).unwrap(), "{ok:?}");
+    let refused = tls(&[]);
+    assert!(!refused.status.success() && refused.stdout.is_empty(), "{refused:?}");
 
     // A locally built image: import and run it. Every container start costs minutes on PVM
     // (runc and the shim are Go programs), so each run checks as much as it can.
@@ -188,7 +236,7 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     let script = format!(
         "echo built; cat /data/hello.txt; echo written-by-guest > /data/from-guest.txt; \
          cat /ro/ro.txt; if echo x > /ro/x; then echo ro-writable; else echo ro-refused; fi; \
-         wget -qO- http://10.234.0.2:{loopback_port}/; echo; exit 3"
+         wget -qO- http://10.234.0.2:{loopback_port}/; echo; stat -c vol=%u:%g /vol; exit 3"
     );
     std::fs::write(
         ctx.join("Dockerfile"),
@@ -196,12 +244,12 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     )
     .unwrap();
     dinv.docker_ok(&["build", "-t", "dinv-built:test", ctx.to_str().unwrap()]);
-    let run = dinv.docker(&["run", "--rm", "-v", "/data:/data", "-v", "/ro:/ro", "dinv-built:test"]);
+    let run = dinv.docker(&["run", "--rm", "-v", "/data:/data", "-v", "/ro:/ro", "-v", "/vol:/vol", "dinv-built:test"]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     let lines: Vec<&str> = stdout.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     assert_eq!(
         lines,
-        ["built", "written-by-host", "read-only-share", "ro-refused", "host-loopback-ok"],
+        ["built", "written-by-host", "read-only-share", "ro-refused", "host-loopback-ok", "vol=1234:2345"],
         "{run:?}\n{}",
         dinv.vm.tail()
     );

@@ -187,12 +187,20 @@ impl Agent {
             }
             match disk::prepare_and_mount(dev, Path::new(&vol.path), "dinvvol") {
                 Ok(formatted) => {
-                    if formatted {
-                        let c = std::ffi::CString::new(vol.path.clone()).unwrap_or_default();
-                        // SAFETY: c is a valid NUL-terminated path.
-                        unsafe { libc::chown(c.as_ptr(), vol.uid, vol.gid) };
+                    // The configured owner applies on every boot, not only after formatting.
+                    let c = std::ffi::CString::new(vol.path.clone()).unwrap_or_default();
+                    // SAFETY: c is a valid NUL-terminated path.
+                    if unsafe { libc::chown(c.as_ptr(), vol.uid, vol.gid) } != 0 {
+                        self.report_error(&format!("volume {}: chown: {}", vol.path, std::io::Error::last_os_error()));
                     }
-                    info!("volume {} mounted on {}", vol.device, vol.path);
+                    info!(
+                        "volume {} mounted on {} (owner {}:{}{})",
+                        vol.device,
+                        vol.path,
+                        vol.uid,
+                        vol.gid,
+                        if formatted { ", new filesystem" } else { "" }
+                    );
                 }
                 Err(e) => self.report_error(&format!("volume {}: {e}", vol.device)),
             }
