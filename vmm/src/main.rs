@@ -39,6 +39,31 @@ struct Cli {
 enum Command {
     /// Boot a kernel under the VMM (no docker): for kernels, images and tests.
     Boot(BootArgs),
+    /// Exit 0 when the docker API on the socket answers `/_ping` (a container HEALTHCHECK).
+    Health(HealthArgs),
+}
+
+#[derive(Args, Debug)]
+struct HealthArgs {
+    /// Unix socket serving the docker API.
+    #[arg(long, env = "DINV_DOCKER_SOCK", default_value = "/var/run/docker.sock")]
+    docker_sock: PathBuf,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
+    match dinv_vmm::daemon::ping(&args.docker_sock, std::time::Duration::from_secs(args.timeout)) {
+        Ok(()) => {
+            println!("docker API ready at unix://{}", args.docker_sock.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("docker API not ready at unix://{}: {e}", args.docker_sock.display());
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -365,6 +390,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Boot(args)) => boot(args),
+        Some(Command::Health(args)) => health(args),
         None => daemon(cli.daemon),
     };
     match result {

@@ -290,6 +290,33 @@ fn readable(what: &'static str, path: &Path) -> Result<(), DaemonError> {
     })
 }
 
+/// Asks the docker API on `sock` for `/_ping`; `Ok` when it answers `200 OK`.
+pub fn ping(sock: &Path, timeout: Duration) -> io::Result<()> {
+    use std::io::Read as _;
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")?;
+    let mut head = [0u8; 64];
+    let mut n = 0;
+    while n < head.len() {
+        match s.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+        if head[..n].contains(&b'\n') {
+            break;
+        }
+    }
+    let line = String::from_utf8_lossy(&head[..n]);
+    let status = line.lines().next().unwrap_or("").to_string();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("unexpected answer {status:?}")))
+    }
+}
+
 /// Runs the daemon until the guest ends. Returns how it ended.
 pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
     let started = Instant::now();
@@ -446,6 +473,27 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ping_wants_200_from_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = |name: &str, answer: &'static [u8]| {
+            let path = dir.path().join(name);
+            let l = UnixListener::bind(&path).unwrap();
+            std::thread::spawn(move || {
+                let (mut c, _) = l.accept().unwrap();
+                let mut buf = [0u8; 256];
+                let _ = std::io::Read::read(&mut c, &mut buf);
+                let _ = c.write_all(answer);
+            });
+            path
+        };
+        let t = Duration::from_secs(5);
+        ping(&serve("ok.sock", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nOK"), t).unwrap();
+        assert!(ping(&serve("bad.sock", b"HTTP/1.0 503 Service Unavailable\r\n\r\n"), t).is_err());
+        assert!(ping(&serve("mute.sock", b""), t).is_err());
+        assert!(ping(&dir.path().join("none.sock"), t).is_err());
+    }
 
     #[test]
     fn docker_disk_is_sparse_and_never_shrinks() {
