@@ -1,9 +1,11 @@
 //! dockerd in the guest, driven by the host `docker` CLI through dinv's unix socket.
 //!
 //! One guest serves every check (guest boots take minutes on PVM), including the in-VM parts of
-//! port forwarding (`DINV_TCP_PORTS`), the gateway's host-loopback alias and bind mounts
-//! (`DINV_MOUNTS`, virtio-9p); the only restart is the persistence check. Needs `DINV_KERNEL`, `DINV_ROOTFS` (see `.ci/run`), `/dev/kvm`, the
-//! host `docker` CLI, Debian's busybox-static (for a local test image) and e2fsprogs.
+//! port forwarding (`DINV_TCP_PORTS`), the gateway's host-loopback alias, bind mounts
+//! (`DINV_MOUNTS`, virtio-9p), the TLS API (`--tlsverify`), the extra volume and the options
+//! `docker info` shows; two container starts; the only restart is the persistence check.
+//! Needs `DINV_KERNEL`, `DINV_ROOTFS` (see `.ci/run`), `/dev/kvm`, root (the socket's group),
+//! the host `docker` CLI, Debian's busybox-static (for a local test image) and e2fsprogs.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -223,20 +225,25 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     assert!(!refused.status.success() && refused.stdout.is_empty(), "{refused:?}");
 
     // A locally built image: import and run it. Every container start costs minutes on PVM
-    // (runc and the shim are Go programs), so each run checks as much as it can.
+    // (runc and the shim are Go programs), so the test starts two containers and each checks
+    // as much as it can. The first: output and a non-zero exit code (3) through `docker run`.
     dinv.docker_ok(&["import", tar.to_str().unwrap(), "dinv-busybox:test"]);
-    let out = dinv.docker_ok(&["run", "--rm", "dinv-busybox:test", "sh", "-c", "echo ok"]);
-    assert_eq!(out.trim(), "ok");
-    // docker build FROM that image. Running the result (its CMD) checks the build, that a
-    // container's exit code (3) comes back through `docker run`, the bind mounts (read the
-    // host's file, write one back, a refused write on the read-only share) and the gateway's
-    // host-loopback alias (10.234.0.2 is the host's 127.0.0.1), all in one container start.
+    let run = dinv.docker(&["run", "--rm", "dinv-busybox:test", "sh", "-c", "echo ok; exit 3"]);
+    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "ok", "{run:?}\n{}", dinv.vm.tail());
+    assert_eq!(run.status.code(), Some(3), "container exit code must propagate: {run:?}");
+
+    // The second: `docker build` FROM that image; its CMD checks the bind mounts (read the
+    // host's file, write one back, a refused write on the read-only share), the extra volume's
+    // owner and the gateway's host-loopback alias (10.234.0.2 is the host's 127.0.0.1), then
+    // serves the share with httpd, published with -p 8080:80 and reached from the host through
+    // DINV_TCP_PORTS (host port -> dinv -> guest 8080 -> docker proxy -> container 80).
     let ctx = dir.path().join("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
     let script = format!(
         "echo built; cat /data/hello.txt; echo written-by-guest > /data/from-guest.txt; \
          cat /ro/ro.txt; if echo x > /ro/x; then echo ro-writable; else echo ro-refused; fi; \
-         wget -qO- http://10.234.0.2:{loopback_port}/; echo; stat -c vol=%u:%g /vol; exit 3"
+         wget -qO- http://10.234.0.2:{loopback_port}/; echo; stat -c vol=%u:%g /vol; \
+         exec httpd -f -p 80 -h /data"
     );
     std::fs::write(
         ctx.join("Dockerfile"),
@@ -244,28 +251,23 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     )
     .unwrap();
     dinv.docker_ok(&["build", "-t", "dinv-built:test", ctx.to_str().unwrap()]);
-    let run = dinv.docker(&["run", "--rm", "-v", "/data:/data", "-v", "/ro:/ro", "-v", "/vol:/vol", "dinv-built:test"]);
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let lines: Vec<&str> = stdout.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    dinv.docker_ok(&[
+        "run", "-d", "--name", "web", "-p", "8080:80", "-v", "/data:/data", "-v", "/ro:/ro", "-v", "/vol:/vol",
+        "dinv-built:test",
+    ]);
+    let body = http_get_retry(fwd_port, "/hello.txt", Duration::from_secs(600));
+    assert_eq!(body, "written-by-host\n", "{}", dinv.vm.tail());
+    let logs = dinv.docker_ok(&["logs", "web"]);
+    let lines: Vec<&str> = logs.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     assert_eq!(
         lines,
         ["built", "written-by-host", "read-only-share", "ro-refused", "host-loopback-ok", "vol=1234:2345"],
-        "{run:?}\n{}",
+        "{logs}\n{}",
         dinv.vm.tail()
     );
-    assert_eq!(run.status.code(), Some(3), "container exit code must propagate: {run:?}");
     assert_eq!(std::fs::read_to_string(share.join("from-guest.txt")).unwrap(), "written-by-guest\n");
     assert!(!ro_share.join("x").exists(), "the read-only share was written");
     assert!(loopback_hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
-
-    // Port forwarding: host port -> dinv -> guest 8080 -> container 80 (busybox httpd serving
-    // the bind-mounted share).
-    dinv.docker_ok(&[
-        "run", "-d", "--name", "web", "-p", "8080:80", "-v", "/data:/www", "dinv-busybox:test",
-        "httpd", "-f", "-p", "80", "-h", "/www",
-    ]);
-    let body = http_get_retry(fwd_port, "/hello.txt", Duration::from_secs(300));
-    assert_eq!(body, "written-by-host\n", "{}", dinv.vm.tail());
     dinv.docker_ok(&["rm", "-f", "web"]);
 
     // 50 concurrent API calls through the vsock muxer.
