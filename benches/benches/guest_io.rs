@@ -15,7 +15,9 @@
 //! metadata ≥ 2× QEMU's virtio-9p.
 //!
 //! Run: `scripts/bench guest_io`. `DINV_BENCH_ONLY=dinv|qemu` runs one side;
-//! `DINV_BENCH_WORK=p9|net|p9,net` selects the workloads.
+//! `DINV_BENCH_WORK=p9|net|p9,net` selects the workloads; `DINV_BENCH_P9_MIB` (1024) and
+//! `DINV_BENCH_P9_FILES` (10000; the untar runs only at 10000) scale the 9P workload down for
+//! PVM hosts, where every guest-kernel instruction run with interrupts disabled is emulated.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -106,6 +108,14 @@ fn main() {
     let rootfs = artifact("DINV_TEST_ROOTFS");
     let only = std::env::var("DINV_BENCH_ONLY").unwrap_or_default();
     let work = std::env::var("DINV_BENCH_WORK").unwrap_or_else(|_| "p9,net".into());
+    let scale = |var: &str, default: u32| -> u32 {
+        std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    };
+    let sizes = format!(
+        "dinv.p9_mib={} dinv.p9_files={}",
+        scale("DINV_BENCH_P9_MIB", 1024),
+        scale("DINV_BENCH_P9_FILES", 10_000)
+    );
     // On disk, not tmpfs: both servers write real files.
     let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     let tarball = source_tarball(base.path());
@@ -118,8 +128,8 @@ fn main() {
         eprintln!("dinv: booting (guest_io: {work})");
         let share = fresh_share(base.path(), "dinv-share", &tarball);
         let cmdline = format!(
-            "root=/dev/vda ro init=/init dinv.bench={work} dinv.msize={MSIZE} dinv.ip={}/{} dinv.gw={} \
-             dinv.hostlo={} dinv.iperf_port={port}",
+            "root=/dev/vda ro init=/init dinv.bench={work} dinv.msize={MSIZE} {sizes} dinv.ip={}/{} \
+             dinv.gw={} dinv.hostlo={} dinv.iperf_port={port}",
             net.guest_ip,
             net.subnet.prefix(),
             net.gateway_ip,
@@ -148,8 +158,8 @@ fn main() {
         eprintln!("qemu: booting (guest_io: {work})");
         let share = fresh_share(base.path(), "qemu-share", &tarball);
         let append = format!(
-            "{} root=/dev/vda ro init=/init dinv.bench={work} dinv.msize={MSIZE} dinv.ip=10.0.2.15/24 \
-             dinv.gw=10.0.2.2 dinv.hostlo=10.0.2.2 dinv.iperf_port={port}",
+            "{} root=/dev/vda ro init=/init dinv.bench={work} dinv.msize={MSIZE} {sizes} \
+             dinv.ip=10.0.2.15/24 dinv.gw=10.0.2.2 dinv.hostlo=10.0.2.2 dinv.iperf_port={port}",
             dinv_params()
         );
         results.insert(
@@ -186,7 +196,13 @@ fn main() {
             (Ok(d), Ok(q)) if d > 0.0 && q > 0.0 && !k.ends_with("-files") => format!("{:.2}x", q / d),
             _ => String::new(),
         };
-        let unit = if k.ends_with("-mbit") { "Mbit/s" } else if k.ends_with("-files") { "files" } else { "s" };
+        let unit = if k.ends_with("-mbit") {
+            "Mbit/s"
+        } else if k.ends_with("-files") {
+            "files"
+        } else {
+            "s"
+        };
         println!("{:<20} {:>12} {:>12} {:>14}   ({unit})", k, d, q, adv);
     }
     println!("targets: net >= 3x, p9 read/write >= 3x, p9 metadata >= 2x");
