@@ -8,7 +8,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::FalseyValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use dinv_vmm::{Console, DiskConfig, EntryPreference, NetConfig, P9Config, PvmMode, Vm};
 
 /// Smallest guest memory the daemon accepts (dockerd + containerd + a container).
@@ -117,13 +118,13 @@ struct DaemonArgs {
     #[arg(long, env = "DINV_MOUNTS", default_value = "")]
     mounts: String,
     /// Also serve the docker API over plain TCP on 2375 (no authentication: prefer --tlsverify).
-    #[arg(long, env = "DINV_TCP", conflicts_with = "local")]
+    #[arg(long, env = "DINV_TCP", conflicts_with = "local", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     tcp: bool,
     /// Serve the docker API over TLS on 2376 (server certificate only).
-    #[arg(long, env = "DINV_TLS", conflicts_with = "local")]
+    #[arg(long, env = "DINV_TLS", conflicts_with = "local", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     tls: bool,
     /// Serve the docker API over TLS on 2376 and require client certificates signed by the CA.
-    #[arg(long, env = "DINV_TLSVERIFY", conflicts_with = "local")]
+    #[arg(long, env = "DINV_TLSVERIFY", conflicts_with = "local", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     tlsverify: bool,
     /// Certificate directory (docker's names: ca.pem, server-cert.pem, server-key.pem, cert.pem,
     /// key.pem); generated with a new CA when the server pair is missing.
@@ -137,7 +138,7 @@ struct DaemonArgs {
     #[arg(long, env = "DINV_TCP_LISTEN", value_name = "ADDR:PORT")]
     tcp_listen: Option<std::net::SocketAddr>,
     /// Serve the docker API on the unix socket only (refuses --tcp/--tls/--tlsverify).
-    #[arg(long, env = "DINV_LOCAL")]
+    #[arg(long, env = "DINV_LOCAL", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     local: bool,
     /// Guest path of an extra ext4 volume (formatted on first use); unset: no volume.
     #[arg(long, env = "DINV_VOLUME_PATH")]
@@ -161,8 +162,12 @@ struct DaemonArgs {
     #[arg(long, env = "DINV_STORAGE_DRIVER")]
     storage_driver: Option<String>,
     /// Debug output: dinv log level debug, verbose guest agent, dockerd --debug.
-    #[arg(long, env = "DEBUG")]
+    #[arg(long, env = "DEBUG", action = ArgAction::SetTrue, value_parser = FalseyValueParser::new())]
     debug: bool,
+    /// Check the options, print the resulting configuration (and the guest's kernel command
+    /// line) and exit without booting.
+    #[arg(long)]
+    print_config: bool,
 }
 
 impl DaemonArgs {
@@ -370,6 +375,10 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     cfg.network = Some(dinv_vmm::daemon::guest_network(network));
     cfg.mounts = dinv_vmm::daemon::parse_mounts(&args.mounts)?;
 
+    if args.print_config {
+        print!("{}", dinv_vmm::daemon::describe(&cfg));
+        return Ok(ExitCode::SUCCESS);
+    }
     let exit = dinv_vmm::daemon::run(cfg)?;
     if exit.is_clean() {
         tracing::info!("{exit}");

@@ -160,6 +160,51 @@ pub fn guest_network(mut cfg: netstack::Config) -> netstack::Config {
     cfg
 }
 
+/// The resolved configuration as `key=value` lines (`dinv --print-config`).
+pub fn describe(cfg: &DaemonConfig) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k}={v}\n"));
+    line("kernel", cfg.kernel.display().to_string());
+    line("rootfs", cfg.rootfs.display().to_string());
+    line("cpus", cfg.cpus.to_string());
+    line("memory", cfg.memory.to_string());
+    line("docker_image", cfg.docker_image.display().to_string());
+    line("docker_size", cfg.docker_size.to_string());
+    line("docker_sock", cfg.docker_sock.display().to_string());
+    line("docker_sock_owner", format!("{:?}:{:?}", cfg.docker_sock_uid, cfg.docker_sock_gid));
+    line("shutdown_timeout", cfg.shutdown_timeout.to_string());
+    if let Some(net) = &cfg.network {
+        line("subnet", net.subnet.to_string());
+        let ports = |f: &[netstack::PortForward]| f.iter().map(|p| format!("{}:{}", p.host_port, p.guest_port)).collect::<Vec<_>>().join(";");
+        line("tcp_ports", ports(&net.tcp_forwards));
+        line("udp_ports", ports(&net.udp_forwards));
+    }
+    for m in &cfg.mounts {
+        line("mount", format!("{}:{}{}", m.host.display(), m.guest, if m.read_only { ":ro" } else { "" }));
+    }
+    if let Some(v) = &cfg.volume {
+        line("volume", format!("{}:{}:{}:{}:{}", v.image.display(), v.size, v.guest_path, v.uid, v.gid));
+    }
+    match &cfg.tcp_api {
+        None => line("tcp_api", "none".into()),
+        Some(api) => match &api.tls {
+            None => line("tcp_api", format!("plain {}", api.listen)),
+            Some(t) => line(
+                "tcp_api",
+                format!(
+                    "tls {} verify={} certs={} sans={}",
+                    api.listen,
+                    t.verify,
+                    t.certs_dir.display(),
+                    t.extra_sans.join(",")
+                ),
+            ),
+        },
+    }
+    line("cmdline", agent_cmdline(cfg));
+    out
+}
+
 /// The agent's kernel parameters for `cfg` (see guest-image/agent/src/config.rs).
 fn agent_cmdline(cfg: &DaemonConfig) -> String {
     let mut c = format!(
