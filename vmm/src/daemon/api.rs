@@ -177,6 +177,19 @@ fn lock(conn: &Mutex<ServerConnection>) -> MutexGuard<'_, ServerConnection> {
     conn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Moves the decrypted plaintext `conn` holds into `out`; true once the peer sent close_notify.
+fn drain(conn: &mut ServerConnection, out: &mut Vec<u8>) -> io::Result<bool> {
+    let mut plain = [0u8; 16 * 1024];
+    loop {
+        match conn.reader().read(&mut plain) {
+            Ok(0) => return Ok(true),
+            Ok(k) => out.extend_from_slice(&plain[..k]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Writes every pending TLS record to `tcp`.
 fn flush(conn: &mut ServerConnection, tcp: &mut TcpStream) -> io::Result<()> {
     while conn.wants_write() {
@@ -198,6 +211,7 @@ fn serve_tls(mut tcp: TcpStream, cfg: Arc<ServerConfig>, target: &Path) -> io::R
     }
     tcp.set_read_timeout(None)?;
     let unix = UnixStream::connect(target)?;
+    let unix_ctl = unix.try_clone()?;
     let conn = Arc::new(Mutex::new(conn));
 
     // dockerd → client.
@@ -224,28 +238,12 @@ fn serve_tls(mut tcp: TcpStream, cfg: Arc<ServerConfig>, target: &Path) -> io::R
     let up = (|| -> io::Result<()> {
         let mut unix = unix;
         let mut buf = vec![0u8; BUF];
-        let mut plain = vec![0u8; BUF];
+        let mut out = Vec::new();
+        let mut closed = drain(&mut lock(&conn), &mut out)?;
         loop {
-            let mut out = Vec::new();
-            let mut closed = false;
-            {
-                let mut c = lock(&conn);
-                loop {
-                    match c.reader().read(&mut plain) {
-                        // close_notify received.
-                        Ok(0) => {
-                            closed = true;
-                            break;
-                        }
-                        Ok(k) => out.extend_from_slice(&plain[..k]),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e),
-                    }
-                }
-                flush(&mut c, &mut tcp)?;
-            }
             if !out.is_empty() {
                 unix.write_all(&out)?;
+                out.clear();
             }
             if closed {
                 return unix.shutdown(Shutdown::Write);
@@ -256,15 +254,25 @@ fn serve_tls(mut tcp: TcpStream, cfg: Arc<ServerConfig>, target: &Path) -> io::R
             }
             let mut c = lock(&conn);
             let mut rd = &buf[..n];
+            // Decrypt record by record, taking the plaintext out each time: rustls buffers only
+            // a bounded amount of plaintext and refuses more ciphertext once that is full.
             while !rd.is_empty() {
                 c.read_tls(&mut rd)?;
                 if let Err(e) = c.process_new_packets() {
                     let _ = flush(&mut c, &mut tcp);
                     return Err(io::Error::other(e));
                 }
+                closed |= drain(&mut c, &mut out)?;
             }
+            flush(&mut c, &mut tcp)?;
         }
     })();
+    // A broken client side ends both directions (a clean half-close does not: the response is
+    // still coming): dockerd sees EOF and the other thread's read returns.
+    if up.is_err() {
+        let _ = tcp.shutdown(Shutdown::Both);
+        let _ = unix_ctl.shutdown(Shutdown::Both);
+    }
     let _ = down.join();
     up
 }

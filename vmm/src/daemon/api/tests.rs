@@ -10,6 +10,12 @@ use super::*;
 /// A stand-in for dockerd behind the unix socket: answers every connection with `echo:<request>`
 /// after the client half-closes, and counts connections.
 fn fake_dockerd(dir: &Path) -> (PathBuf, Arc<AtomicUsize>) {
+    slow_fake_dockerd(dir, Duration::ZERO)
+}
+
+/// Like [`fake_dockerd`], but each connection waits `delay` before reading (so the relay's
+/// unix side backs up and the client's TLS records pile up in the TCP receive buffer).
+fn slow_fake_dockerd(dir: &Path, delay: Duration) -> (PathBuf, Arc<AtomicUsize>) {
     let path = dir.join("docker.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let count = Arc::new(AtomicUsize::new(0));
@@ -19,6 +25,7 @@ fn fake_dockerd(dir: &Path) -> (PathBuf, Arc<AtomicUsize>) {
             let Ok(mut s) = conn else { continue };
             c.fetch_add(1, Ordering::SeqCst);
             std::thread::spawn(move || {
+                std::thread::sleep(delay);
                 let mut req = Vec::new();
                 let _ = s.read_to_end(&mut req);
                 let _ = s.write_all(b"echo:");
@@ -139,6 +146,21 @@ fn tlsverify_accepts_the_generated_client_and_refuses_others() {
     assert!(!junk.starts_with(b"echo:"));
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(hits.load(Ordering::SeqCst), 1, "a refused client reached dockerd");
+}
+
+#[test]
+fn tls_relay_survives_a_backlog_of_records() {
+    // Regression: plaintext was taken out of rustls only between socket reads, so a large read
+    // of queued records overflowed rustls's plaintext buffer and the relay stalled.
+    let dir = tempfile::tempdir().unwrap();
+    let (target, _) = slow_fake_dockerd(dir.path(), Duration::from_millis(500));
+    let certs = dir.path().join("certs");
+    let addr =
+        serve(&local_api(Some(TlsSettings { certs_dir: certs.clone(), verify: false, extra_sans: vec![] })), target)
+            .unwrap();
+    let big: Vec<u8> = (0..4_000_000u32).map(|i| (i % 253) as u8).collect();
+    let out = tls_roundtrip(addr, client_config(&certs, None), &big).unwrap();
+    assert!(out.len() == big.len() + 5 && out[5..] == big[..], "payload changed in transit");
 }
 
 #[test]
