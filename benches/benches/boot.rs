@@ -76,16 +76,6 @@ fn measure(mut vm: Running) -> Sample {
     }
 }
 
-/// The kernel parameters dinv itself passes, so QEMU boots with exactly the same ones.
-fn dinv_params() -> String {
-    let mut params = dinv_vmm::vm::BASE_CMDLINE.to_string();
-    if dinv_vmm::pvm::host_is_pvm() {
-        params.push(' ');
-        params.push_str(&dinv_vmm::pvm::cmdline_additions());
-    }
-    params
-}
-
 fn main() {
     let kernel = artifact("DINV_KERNEL");
     let rootfs = artifact("DINV_TEST_ROOTFS");
@@ -119,20 +109,15 @@ fn main() {
             guest_args.as_ref(),
         ])));
         eprintln!("run {}/{runs}: qemu", run + 1);
-        let append = format!("{} {guest_args}", dinv_params());
-        qemu.push(measure(Running::spawn_program(
-            "qemu-system-x86_64",
-            [
-                "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities",
-                "-m", &GUEST_MEM_MIB.to_string(), "-smp", "1", "-nodefaults", "-no-user-config",
-                "-nographic", "-serial", "stdio", "-no-reboot",
-                "-kernel", &kernel.display().to_string(), "-append", &append,
-                "-drive", &format!("id=root,file={},format=raw,if=none,readonly=on", rootfs.display()),
-                "-device", "virtio-blk-device,drive=root",
-                "-drive", &format!("id=data,file={},format=raw,if=none", data.display()),
-                "-device", "virtio-blk-device,drive=data",
-            ],
-        )));
+        let append = format!("{} {guest_args}", dinv_benches::dinv_params());
+        let mut args = dinv_benches::qemu_microvm(&kernel, &GUEST_MEM_MIB.to_string(), &append, &rootfs);
+        args.extend([
+            "-drive".to_string(),
+            format!("id=data,file={},format=raw,if=none", data.display()),
+            "-device".to_string(),
+            "virtio-blk-device,drive=data".to_string(),
+        ]);
+        qemu.push(measure(Running::spawn_program("qemu-system-x86_64", args)));
     }
 
     let avg = |v: &[Sample]| v.iter().map(|s| s.secs).sum::<f64>() / v.len() as f64;

@@ -16,15 +16,6 @@ use dinv_tests::{artifact, Running};
 const MEMORY: &str = "512M";
 const READY_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 
-fn dinv_params() -> String {
-    let mut params = dinv_vmm::vm::BASE_CMDLINE.to_string();
-    if dinv_vmm::pvm::host_is_pvm() {
-        params.push(' ');
-        params.push_str(&dinv_vmm::pvm::cmdline_additions());
-    }
-    params
-}
-
 fn sparse(path: &Path, size: u64) {
     std::fs::File::create(path).and_then(|f| f.set_len(size)).expect("docker disk");
 }
@@ -72,25 +63,21 @@ fn qemu_run(dir: &Path) -> f64 {
     let append = format!(
         "{} root=/dev/vda ro init=/sbin/dinv-agent dinv.docker_disk=/dev/vdb dinv.docker_tcp=2375 \
          dinv.ip=10.0.2.15/24 dinv.gw=10.0.2.2 dinv.dns=10.0.2.3",
-        dinv_params()
+        dinv_benches::dinv_params()
     );
-    let kernel = artifact("DINV_KERNEL").display().to_string();
-    let rootfs = artifact("DINV_ROOTFS").display().to_string();
-    let mut vm = Running::spawn_program(
-        "qemu-system-x86_64",
-        [
-            "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities",
-            "-m", MEMORY, "-smp", "1", "-nodefaults", "-no-user-config",
-            "-nographic", "-serial", "stdio", "-no-reboot",
-            "-kernel", &kernel, "-append", &append,
-            "-drive", &format!("id=root,file={rootfs},format=raw,if=none,readonly=on"),
-            "-device", "virtio-blk-device,drive=root",
-            "-drive", &format!("id=docker,file={},format=raw,if=none", img.display()),
-            "-device", "virtio-blk-device,drive=docker",
-            "-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:2375"),
-            "-device", "virtio-net-device,netdev=n0",
-        ],
-    );
+    let mut args =
+        dinv_benches::qemu_microvm(&artifact("DINV_KERNEL"), MEMORY, &append, &artifact("DINV_ROOTFS"));
+    args.extend([
+        "-drive".to_string(),
+        format!("id=docker,file={},format=raw,if=none", img.display()),
+        "-device".to_string(),
+        "virtio-blk-device,drive=docker".to_string(),
+        "-netdev".to_string(),
+        format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:2375"),
+        "-device".to_string(),
+        "virtio-net-device,netdev=n0".to_string(),
+    ]);
+    let mut vm = Running::spawn_program("qemu-system-x86_64", args);
     let deadline = Instant::now() + READY_TIMEOUT;
     while !ping(port) {
         assert!(Instant::now() < deadline, "QEMU guest: no /_ping within {READY_TIMEOUT:?}\n{}", vm.tail());

@@ -32,15 +32,6 @@ const MSIZE: u32 = 512_000;
 const TIMEOUT: Duration = Duration::from_secs(90 * 60);
 const SUBNET: &str = "10.234.0.0/24";
 
-fn dinv_params() -> String {
-    let mut params = dinv_vmm::vm::BASE_CMDLINE.to_string();
-    if dinv_vmm::pvm::host_is_pvm() {
-        params.push(' ');
-        params.push_str(&dinv_vmm::pvm::cmdline_additions());
-    }
-    params
-}
-
 /// Runs one guest to `DINV-TEST-DONE` and returns its `DINV-BENCH` values.
 fn collect(mut vm: Running) -> BTreeMap<String, String> {
     vm.wait_for("DINV-TEST-DONE", TIMEOUT);
@@ -160,26 +151,20 @@ fn main() {
         let append = format!(
             "{} root=/dev/vda ro init=/init dinv.bench={work} dinv.msize={MSIZE} {sizes} \
              dinv.ip=10.0.2.15/24 dinv.gw=10.0.2.2 dinv.hostlo=10.0.2.2 dinv.iperf_port={port}",
-            dinv_params()
+            dinv_benches::dinv_params()
         );
-        results.insert(
-            "qemu",
-            collect(Running::spawn_program(
-                "qemu-system-x86_64",
-                [
-                    "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities",
-                    "-m", &GUEST_MEM_MIB.to_string(), "-smp", "1", "-nodefaults", "-no-user-config",
-                    "-nographic", "-serial", "stdio", "-no-reboot",
-                    "-kernel", &kernel.display().to_string(), "-append", &append,
-                    "-drive", &format!("id=root,file={},format=raw,if=none,readonly=on", rootfs.display()),
-                    "-device", "virtio-blk-device,drive=root",
-                    "-fsdev", &format!("local,id=bench,path={},security_model=none", share.display()),
-                    "-device", "virtio-9p-device,fsdev=bench,mount_tag=bench",
-                    "-netdev", "user,id=n0",
-                    "-device", "virtio-net-device,netdev=n0",
-                ],
-            )),
-        );
+        let mut args = dinv_benches::qemu_microvm(&kernel, &GUEST_MEM_MIB.to_string(), &append, &rootfs);
+        args.extend([
+            "-fsdev".to_string(),
+            format!("local,id=bench,path={},security_model=none", share.display()),
+            "-device".to_string(),
+            "virtio-9p-device,fsdev=bench,mount_tag=bench".to_string(),
+            "-netdev".to_string(),
+            "user,id=n0".to_string(),
+            "-device".to_string(),
+            "virtio-net-device,netdev=n0".to_string(),
+        ]);
+        results.insert("qemu", collect(Running::spawn_program("qemu-system-x86_64", args)));
     }
     let _ = iperf.kill();
     let _ = iperf.wait();

@@ -1,0 +1,32 @@
+//! Shared pieces of dinv's benchmarks (`benches/benches/*.rs`): the kernel parameters dinv
+//! itself passes, so QEMU boots with exactly the same ones, and QEMU's `-M microvm` command line
+//! for the same kernel, memory and read-only root disk.
+
+use std::path::Path;
+
+/// dinv's base kernel parameters plus, on a PVM host, its PVM profile.
+pub fn dinv_params() -> String {
+    let mut params = dinv_vmm::vm::BASE_CMDLINE.to_string();
+    if dinv_vmm::pvm::host_is_pvm() {
+        params.push(' ');
+        params.push_str(&dinv_vmm::pvm::cmdline_additions());
+    }
+    params
+}
+
+/// QEMU `-M microvm` (PVH boot of `kernel`), one vCPU, `mem` (e.g. `512M` or `128`), the serial
+/// console on stdout, `append` as the kernel command line and `rootfs` as a read-only
+/// virtio-blk disk (`/dev/vda`). Callers append their own devices.
+pub fn qemu_microvm(kernel: &Path, mem: &str, append: &str, rootfs: &Path) -> Vec<String> {
+    [
+        "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+        "-m", mem, "-smp", "1", "-nodefaults", "-no-user-config",
+        "-nographic", "-serial", "stdio", "-no-reboot",
+        "-kernel", &kernel.display().to_string(), "-append", append,
+        "-drive", &format!("id=root,file={},format=raw,if=none,readonly=on", rootfs.display()),
+        "-device", "virtio-blk-device,drive=root",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
