@@ -200,6 +200,9 @@ fn flush(conn: &mut ServerConnection, tcp: &mut TcpStream) -> io::Result<()> {
 
 fn serve_tls(mut tcp: TcpStream, cfg: Arc<ServerConfig>, target: &Path) -> io::Result<()> {
     let mut conn = ServerConnection::new(cfg).map_err(io::Error::other)?;
+    // Every write below is flushed to the socket at once, so memory stays bounded by BUF; the
+    // default 64 KiB limit on unsent records could refuse part of a 64 KiB chunk (WriteZero).
+    conn.set_buffer_limit(None);
     // Handshake first: nothing reaches dockerd from a client that fails it.
     tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     while conn.is_handshaking() {
