@@ -20,6 +20,8 @@ use dinv_tests::{artifact, require_kvm, run_ok, Running};
 /// Time to the docker API on PVM is ~10 minutes today; allow for a loaded machine.
 const READY_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
+/// Deadline of one docker CLI call (a container start takes ~10 minutes on PVM).
+const DOCKER_CALL_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 
 struct Dinv {
     vm: Running,
@@ -51,7 +53,9 @@ fn start(dir: &Path, extra: &[&str]) -> Dinv {
 
 impl Dinv {
     fn docker(&self, args: &[&str]) -> Output {
-        Command::new("docker")
+        // Never hang the suite: every CLI call gets a (generous, PVM-sized) deadline.
+        Command::new("timeout")
+            .args(["--kill-after=10", &DOCKER_CALL_TIMEOUT.as_secs().to_string(), "docker"])
             .env("DOCKER_HOST", format!("unix://{}", self.sock.display()))
             .env("DOCKER_BUILDKIT", "0")
             .args(args)
@@ -276,7 +280,8 @@ fn docker_cli_drives_dockerd_in_the_guest() {
         .map(|_| {
             let sock = sock.clone();
             std::thread::spawn(move || {
-                Command::new("docker")
+                Command::new("timeout")
+                    .args(["--kill-after=10", &DOCKER_CALL_TIMEOUT.as_secs().to_string(), "docker"])
                     .env("DOCKER_HOST", format!("unix://{}", sock.display()))
                     .args(["version", "--format", "{{.Server.Version}}"])
                     .output()
