@@ -248,13 +248,19 @@ enum Pvm {
     Off,
 }
 
+/// Splits `PATH[,ro|,rw]` into the path and whether it is read-only (`flag` names the option in
+/// errors).
+fn split_access<'a>(flag: &str, spec: &'a str) -> Result<(&'a str, bool), String> {
+    match spec.rsplit_once(',') {
+        Some((p, "ro")) => Ok((p, true)),
+        Some((p, "rw")) => Ok((p, false)),
+        Some((_, opt)) => Err(format!("{flag} {spec}: unknown option '{opt}' (use ro or rw)")),
+        None => Ok((spec, false)),
+    }
+}
+
 fn disk(spec: &str) -> Result<DiskConfig, String> {
-    let (path, ro) = match spec.rsplit_once(',') {
-        Some((p, "ro")) => (p, true),
-        Some((p, "rw")) => (p, false),
-        Some((_, opt)) => return Err(format!("--disk {spec}: unknown option '{opt}' (use ro or rw)")),
-        None => (spec, false),
-    };
+    let (path, ro) = split_access("--disk", spec)?;
     let mut cfg = DiskConfig::new(path);
     cfg.read_only = ro;
     Ok(cfg)
@@ -262,11 +268,7 @@ fn disk(spec: &str) -> Result<DiskConfig, String> {
 
 fn share(spec: &str) -> Result<P9Config, String> {
     let (tag, rest) = spec.split_once('=').ok_or_else(|| format!("--share {spec}: expected TAG=PATH[,ro]"))?;
-    let (path, ro) = match rest.rsplit_once(',') {
-        Some((p, "ro")) => (p, true),
-        Some((p, "rw")) => (p, false),
-        _ => (rest, false),
-    };
+    let (path, ro) = split_access("--share", rest)?;
     if tag.is_empty() || path.is_empty() {
         return Err(format!("--share {spec}: expected TAG=PATH[,ro]"));
     }

@@ -293,8 +293,8 @@ pub enum DaemonError {
     Vm(#[from] crate::Error),
 }
 
-/// Creates the sparse docker disk if missing, or grows it to `size` (never shrinks).
-pub fn prepare_docker_disk(path: &Path, size: u64) -> io::Result<()> {
+/// Creates a sparse disk image (docker disk, extra volume) if missing, or grows it to `size` (never shrinks).
+pub fn prepare_disk_image(path: &Path, size: u64) -> io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir)?;
     }
@@ -367,13 +367,13 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
     let started = Instant::now();
     readable("kernel", &cfg.kernel)?;
     readable("root filesystem", &cfg.rootfs)?;
-    prepare_docker_disk(&cfg.docker_image, cfg.docker_size).map_err(|source| DaemonError::DockerDisk {
+    prepare_disk_image(&cfg.docker_image, cfg.docker_size).map_err(|source| DaemonError::DockerDisk {
         path: cfg.docker_image.clone(),
         source,
     })?;
 
     if let Some(v) = &cfg.volume {
-        prepare_docker_disk(&v.image, v.size)
+        prepare_disk_image(&v.image, v.size)
             .map_err(|source| DaemonError::DockerDisk { path: v.image.clone(), source })?;
     }
 
@@ -544,13 +544,13 @@ mod tests {
     fn docker_disk_is_sparse_and_never_shrinks() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("sub/docker.img");
-        prepare_docker_disk(&img, 1 << 30).unwrap();
+        prepare_disk_image(&img, 1 << 30).unwrap();
         let meta = fs::metadata(&img).unwrap();
         assert_eq!(meta.len(), 1 << 30);
         assert!(std::os::unix::fs::MetadataExt::blocks(&meta) < 64, "sparse");
-        prepare_docker_disk(&img, 1 << 20).unwrap();
+        prepare_disk_image(&img, 1 << 20).unwrap();
         assert_eq!(fs::metadata(&img).unwrap().len(), 1 << 30);
-        prepare_docker_disk(&img, 2 << 30).unwrap();
+        prepare_disk_image(&img, 2 << 30).unwrap();
         assert_eq!(fs::metadata(&img).unwrap().len(), 2 << 30);
     }
 
