@@ -20,6 +20,7 @@
 pub mod console;
 pub mod daemon;
 pub mod fault;
+pub mod profile;
 pub mod pvm;
 pub mod size;
 pub mod vcpu;

@@ -102,6 +102,10 @@ struct DaemonArgs {
     /// Write the guest console here instead of stderr.
     #[arg(long, env = "DINV_CONSOLE_LOG")]
     console_log: Option<PathBuf>,
+    /// Debugging: sample where the guest spends its time, write the histogram here
+    /// (`scripts/guest-profile` symbolizes it).
+    #[arg(long, env = "DINV_GUEST_PROFILE", hide = true)]
+    guest_profile: Option<PathBuf>,
     /// Extra guest kernel parameters.
     #[arg(long, env = "DINV_CMDLINE", default_value = "")]
     cmdline: String,
@@ -222,6 +226,10 @@ struct BootArgs {
     /// Entry point for ELF kernels.
     #[arg(long, value_enum, default_value_t = Entry::Linux64)]
     entry: Entry,
+    /// Sample where the guest spends its time; write the histogram here
+    /// (`scripts/guest-profile` symbolizes it).
+    #[arg(long, env = "DINV_GUEST_PROFILE")]
+    guest_profile: Option<PathBuf>,
     /// PVM compatibility profile.
     #[arg(long, value_enum, default_value_t = Pvm::Auto)]
     pvm: Pvm,
@@ -293,6 +301,9 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
             Pvm::On => PvmMode::On,
             Pvm::Off => PvmMode::Off,
         });
+    if let Some(path) = &args.guest_profile {
+        builder = builder.guest_profile(path);
+    }
     for spec in &args.disks {
         builder = builder.disk(disk(spec).map_err(anyhow::Error::msg)?);
     }
@@ -373,6 +384,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     cfg.cpus = args.cpus;
     cfg.shutdown_timeout = args.shutdown_timeout;
     cfg.console_log = args.console_log;
+    cfg.guest_profile = args.guest_profile;
     cfg.extra_cmdline = args.cmdline;
     cfg.network = Some(dinv_vmm::daemon::guest_network(network));
     cfg.mounts = dinv_vmm::daemon::parse_mounts(&args.mounts)?;

@@ -78,6 +78,8 @@ pub struct Vcpu {
     pub mem: GuestMemoryMmap,
     /// Where the VM's end is recorded.
     pub exit: Arc<ExitState>,
+    /// Guest profiler, when enabled: a kick out of `KVM_RUN` is a sample.
+    pub profile: Option<Arc<crate::profile::Profile>>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -153,7 +155,10 @@ impl Vcpu {
             Ok(VcpuExit::InternalError) => Ok(()),
             Ok(other) => Err(format!("unexpected KVM exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                return Step::Continue
+                if let Some(profile) = &self.profile {
+                    profile.sample(&self.fd);
+                }
+                return Step::Continue;
             }
             Err(e) => Err(format!("KVM_RUN failed: {e}")),
         };

@@ -71,6 +71,7 @@ pub struct VmBuilder {
     console: Console,
     entry: EntryPreference,
     pvm: PvmMode,
+    profile: Option<PathBuf>,
 }
 
 impl Default for VmBuilder {
@@ -87,6 +88,7 @@ impl Default for VmBuilder {
             console: Console::Stdout,
             entry: EntryPreference::default(),
             pvm: PvmMode::Auto,
+            profile: None,
         }
     }
 }
@@ -158,6 +160,13 @@ impl VmBuilder {
         self
     }
 
+    /// Sample where the guest spends its (wall-clock) time and write the histogram to `path`
+    /// (see [`crate::profile`]; a debugging aid).
+    pub fn guest_profile(mut self, path: impl Into<PathBuf>) -> Self {
+        self.profile = Some(path.into());
+        self
+    }
+
     /// Creates the VM, loads the kernel and wires the devices. Nothing runs yet.
     pub fn build(self) -> Result<Vm> {
         Vm::new(self)
@@ -215,6 +224,7 @@ pub struct Vm {
     events: EventManager<Subscriber>,
     exit: Arc<ExitState>,
     panicked: Arc<AtomicBool>,
+    profile: Option<(PathBuf, Arc<crate::profile::Profile>)>,
     /// Kept alive: transports are referenced by the I/O manager too.
     _transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
@@ -424,6 +434,7 @@ impl Vm {
             events,
             exit,
             panicked,
+            profile: cfg.profile.map(|p| (p, Arc::default())),
             _transports: transports,
         })
     }
@@ -442,6 +453,7 @@ impl Vm {
                 io: self.io.clone(),
                 mem: self.mem.clone(),
                 exit: self.exit.clone(),
+                profile: self.profile.as_ref().map(|(_, p)| p.clone()),
             };
             let exit = self.exit.clone();
             let thread = std::thread::Builder::new()
@@ -460,10 +472,26 @@ impl Vm {
             threads.push(thread);
         }
 
+        let sampler_stop = Arc::new(AtomicBool::new(false));
+        let sampler = match &self.profile {
+            Some((path, profile)) => {
+                use std::os::unix::thread::JoinHandleExt;
+                let ids = threads.iter().map(|t| t.as_pthread_t()).collect();
+                crate::profile::start_sampler(profile.clone(), path.clone(), ids, sampler_stop.clone())
+                    .map_err(|e| tracing::error!("guest profiler not started: {e}"))
+                    .ok()
+            }
+            None => None,
+        };
+
         while !self.exit.stop.load(Ordering::SeqCst) {
             if let Err(e) = self.events.run_with_timeout(100) {
                 tracing::error!("device event loop: {e:?}");
             }
+        }
+        sampler_stop.store(true, Ordering::SeqCst);
+        if let Some(sampler) = sampler {
+            let _ = sampler.join();
         }
 
         // Kick vCPUs until every thread has left KVM_RUN (a kick can race with entry, so
@@ -480,6 +508,13 @@ impl Vm {
                 let _ = t.join();
             } else {
                 tracing::warn!("a vCPU thread did not stop in time; leaving it behind");
+            }
+        }
+
+        if let Some((path, profile)) = &self.profile {
+            match profile.write(path) {
+                Ok(()) => tracing::info!("guest profile written to {}", path.display()),
+                Err(e) => tracing::error!("cannot write the guest profile {}: {e}", path.display()),
             }
         }
 

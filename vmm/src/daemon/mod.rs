@@ -62,6 +62,8 @@ pub struct DaemonConfig {
     pub shutdown_timeout: u64,
     /// Guest console destination (None: the daemon's stderr).
     pub console_log: Option<PathBuf>,
+    /// Debugging: write a guest profile here ([`crate::profile`]).
+    pub guest_profile: Option<PathBuf>,
     /// Extra kernel parameters.
     pub extra_cmdline: String,
     /// The guest's network (subnet layout, port forwards); `None`: no network device.
@@ -140,6 +142,7 @@ impl DaemonConfig {
             memory: 512 << 20,
             shutdown_timeout: 5,
             console_log: None,
+            guest_profile: None,
             extra_cmdline: String::new(),
             network: Some(guest_network(netstack::Config::default())),
             mounts: Vec::new(),
@@ -413,6 +416,9 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
             host_ports: vec![(CONTROL_PORT, control_path)],
         })
         .console(console);
+    if let Some(path) = &cfg.guest_profile {
+        builder = builder.guest_profile(path);
+    }
     if let Some(v) = &cfg.volume {
         builder = builder.disk(DiskConfig::new(&v.image));
     }
