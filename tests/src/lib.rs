@@ -11,6 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod docker;
 pub mod payload;
 
 /// A required artifact named by environment variable `var`.

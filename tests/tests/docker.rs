@@ -7,92 +7,14 @@
 //! Needs `DINV_KERNEL`, `DINV_ROOTFS` (see `.ci/run`), `/dev/kvm`, root (the socket's group),
 //! the host `docker` CLI, Debian's busybox-static (for a local test image) and e2fsprogs.
 
-use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dinv_tests::{artifact, require_kvm, run_ok, Running};
+use dinv_tests::docker::{busybox_tarball, start, DOCKER_CALL_TIMEOUT};
+use dinv_tests::{require_kvm, run_ok};
 
-/// Time to the docker API on PVM is ~10 minutes today; allow for a loaded machine.
-const READY_TIMEOUT: Duration = Duration::from_secs(40 * 60);
-const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
-/// Deadline of one docker CLI call (a container start takes ~10 minutes on PVM).
-const DOCKER_CALL_TIMEOUT: Duration = Duration::from_secs(40 * 60);
-
-struct Dinv {
-    vm: Running,
-    sock: PathBuf,
-}
-
-fn start(dir: &Path, extra: &[&str]) -> Dinv {
-    let sock = dir.join("docker.sock");
-    let mut args: Vec<OsString> = vec![
-        "--kernel".into(),
-        artifact("DINV_KERNEL").into(),
-        "--rootfs".into(),
-        artifact("DINV_ROOTFS").into(),
-        "--docker-image".into(),
-        dir.join("docker.img").into(),
-        "--docker-size".into(),
-        "8G".into(),
-        "--docker-sock".into(),
-        sock.clone().into(),
-        "--shutdown-timeout".into(),
-        SHUTDOWN_TIMEOUT_SECS.to_string().into(),
-    ];
-    args.extend(extra.iter().map(OsString::from));
-    let mut vm = Running::spawn(args);
-    let ready = vm.wait_for("docker API ready", READY_TIMEOUT);
-    eprintln!("{ready} (exec -> ready {:.1}s)", vm.elapsed().as_secs_f64());
-    Dinv { vm, sock }
-}
-
-impl Dinv {
-    fn docker(&self, args: &[&str]) -> Output {
-        // Never hang the suite: every CLI call gets a (generous, PVM-sized) deadline.
-        Command::new("timeout")
-            .args(["--kill-after=10", &DOCKER_CALL_TIMEOUT.as_secs().to_string(), "docker"])
-            .env("DOCKER_HOST", format!("unix://{}", self.sock.display()))
-            .env("DOCKER_BUILDKIT", "0")
-            .args(args)
-            .output()
-            .expect("cannot run the docker CLI")
-    }
-
-    fn docker_ok(&mut self, args: &[&str]) -> String {
-        let out = self.docker(args);
-        assert!(
-            out.status.success(),
-            "docker {args:?} failed ({}):\n{}\n{}\n--- dinv ---\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.vm.tail()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// SIGTERM, then expect a clean exit within the shutdown timeout plus a margin.
-    fn stop(mut self) {
-        let pid = self.vm.pid() as i32;
-        // SAFETY: plain kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let started = Instant::now();
-        let status = self.vm.wait_exit(Duration::from_secs(SHUTDOWN_TIMEOUT_SECS + 120));
-        assert!(status.success(), "dinv exited {status} after SIGTERM\n{}", self.vm.tail());
-        eprintln!("SIGTERM -> exit {:.1}s", started.elapsed().as_secs_f64());
-        assert!(!self.vm.lines_with("dinv-agent: powering off").is_empty(), "{}", self.vm.tail());
-        assert!(
-            self.vm.transcript.iter().any(|l| l.contains("dockerd") && (l.contains("stop") || l.contains("Stop"))),
-            "guest did not log dockerd stopping\n{}",
-            self.vm.tail()
-        );
-    }
-}
 
 /// An HTTP/1.0 server on 127.0.0.1 answering every request with `body`; returns its port and
 /// a request counter.
@@ -135,23 +57,6 @@ fn http_get_retry(port: u16, path: &str, timeout: Duration) -> String {
     panic!("no HTTP 200 from forwarded port {port} within {timeout:?}; last: {last}");
 }
 
-/// A busybox root filesystem tarball from Debian's busybox-static, for `docker import`.
-fn busybox_tarball(dir: &Path) -> PathBuf {
-    let root = dir.join("busybox-root");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("/bin/busybox (Debian busybox-static) is required");
-    let list = run_ok(Command::new("/bin/busybox").arg("--list"));
-    for applet in list.lines().filter(|a| *a != "busybox") {
-        let _ = symlink("busybox", root.join("bin").join(applet));
-    }
-    for d in ["etc", "tmp", "proc", "sys", "dev"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let tar = dir.join("busybox.tar");
-    run_ok(Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg("."));
-    tar
-}
 
 #[test]
 fn docker_cli_drives_dockerd_in_the_guest() {
@@ -275,6 +180,7 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     dinv.docker_ok(&["rm", "-f", "web"]);
 
     // 50 concurrent API calls through the vsock muxer.
+    let started = Instant::now();
     let sock = dinv.sock.clone();
     let calls: Vec<_> = (0..50)
         .map(|_| {
@@ -295,6 +201,7 @@ fn docker_cli_drives_dockerd_in_the_guest() {
         .filter(|o| !o.status.success() || o.stdout.is_empty())
         .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
         .collect();
+    eprintln!("50 concurrent docker version: {:.1}s", started.elapsed().as_secs_f64());
     assert!(failed.is_empty(), "{} of 50 concurrent calls failed: {:?}", failed.len(), failed.first());
 
     // Graceful shutdown; the docker disk is clean afterwards.
