@@ -1,6 +1,6 @@
-//! Shared by the docker tests (`tests/tests/docker_smoke.rs` in every run, the full
-//! `tests/tests/docker.rs` with feature `docker-e2e`): a `dinv` daemon booting the docker guest,
-//! the host `docker` CLI against its socket with deadlines, graceful stop, a local busybox image.
+//! For the docker end-to-end test (`tests/tests/docker.rs`) and whatever else boots the docker
+//! guest: a `dinv` daemon, the host `docker` CLI against its socket with deadlines, graceful
+//! stop, a local busybox image.
 
 use std::ffi::OsString;
 use std::os::unix::fs::symlink;

@@ -4,8 +4,10 @@
 //! port forwarding (`DINV_TCP_PORTS`), the gateway's host-loopback alias, bind mounts
 //! (`DINV_MOUNTS`, virtio-9p), the TLS API (`--tlsverify`), the extra volume and the options
 //! `docker info` shows; two container starts; the only restart is the persistence check.
-//! Needs `DINV_KERNEL`, `DINV_ROOTFS` (see `.ci/run`), `/dev/kvm`, root (the socket's group),
-//! the host `docker` CLI, Debian's busybox-static (for a local test image) and e2fsprogs.
+//! In every test run (CI). On PVM it takes most of an hour (two boots, two container starts);
+//! `scripts/test-docker` runs it alone with the guest console echoed.
+//! Needs `DINV_KERNEL`, `DINV_ROOTFS` (see `scripts/test`), `/dev/kvm`, root (the socket's
+//! group), the host `docker` CLI, Debian's busybox-static (for a local test image) and e2fsprogs.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -95,6 +97,12 @@ fn docker_cli_drives_dockerd_in_the_guest() {
             "--storage-driver", "overlay2",
         ],
     );
+    assert!(
+        !dinv.vm.lines_with("formatted").is_empty()
+            && dinv.vm.lines_with("is blank: formatting").is_empty(),
+        "the host formats the new docker disk, not the guest\n{}",
+        dinv.vm.tail()
+    );
     // The socket's group (DINV_DOCKER_SOCK_GID).
     {
         use std::os::unix::fs::MetadataExt;
@@ -105,6 +113,15 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     // Client and server both answer.
     let version = dinv.docker_ok(&["version", "--format", "{{.Client.Version}} {{.Server.Version}}"]);
     assert_eq!(version.split_whitespace().count(), 2, "{version}");
+    // dockerd's runc answers `--version` from the image's record (rootfs/build.sh): the server
+    // still reports runc's real version and commit.
+    let components = dinv.docker_ok(&[
+        "version", "--format", "{{range .Server.Components}}{{.Name}}={{.Version}} {{end}}",
+    ]);
+    assert!(
+        components.split_whitespace().any(|c| c.strip_prefix("runc=").is_some_and(|v| v.starts_with(char::is_numeric))),
+        "runc version missing from the server's components: {components}"
+    );
     let info = dinv.docker_ok(&["info", "--format", "{{.Driver}} {{.NCPU}} {{.OSType}} {{.MemTotal}}"]);
     let f: Vec<&str> = info.split_whitespace().collect();
     assert_eq!(f.len(), 4, "{info}");

@@ -236,6 +236,7 @@ impl Agent {
             "containerd",
             "/usr/bin/containerd",
             &services::containerd_args(&self.cfg),
+            services::PATH,
         ) {
             Ok(pid) => {
                 info!("containerd started (pid {pid})");
@@ -254,7 +255,7 @@ impl Agent {
         self.dockerd_pending = false;
         let args = services::dockerd_args(&self.cfg, self.network);
         debug!("dockerd {}", args.join(" "));
-        match services::spawn("dockerd", "/usr/sbin/dockerd", &args) {
+        match services::spawn("dockerd", "/usr/sbin/dockerd", &args, services::DOCKERD_PATH) {
             Ok(pid) => {
                 info!("dockerd started (pid {pid})");
                 self.dockerd = Some(Daemon {

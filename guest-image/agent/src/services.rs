@@ -17,7 +17,15 @@ pub const AGENT_PATH: &str = "/sbin/dinv-agent";
 /// dockerd's API socket, the target of the vsock proxy.
 pub const DOCKER_SOCK: &str = "/run/docker.sock";
 
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// PATH of containerd (and so of shims and runc).
+pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// PATH of dockerd: [`PATH`] behind `/usr/libexec/dinv/dockerd-path`, whose `runc` answers
+/// `--version` from the value recorded when the image was built and execs the real runc for
+/// everything else (guest-image/rootfs/build.sh). dockerd execs `runc --version` for every
+/// `/version` and `/info` request: a Go program start, ~20 s of guest CPU on PVM, so 50
+/// concurrent `docker version` calls cost over 15 minutes; the recorded answer costs a `sh`.
+pub const DOCKERD_PATH: &str =
+    "/usr/libexec/dinv/dockerd-path:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
@@ -29,14 +37,20 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Spawns `program args` with output forwarded to the console under `name`. Returns the pid.
-pub fn spawn(name: &'static str, program: &str, args: &[String]) -> std::io::Result<libc::pid_t> {
+/// Spawns `program args` with `path` as its PATH and its output forwarded to the console under
+/// `name`. Returns the pid.
+pub fn spawn(
+    name: &'static str,
+    program: &str,
+    args: &[String],
+    path: &str,
+) -> std::io::Result<libc::pid_t> {
     let (rd, wr) = pipe()?;
     let wr2 = wr.try_clone()?;
     let child = Command::new(program)
         .args(args)
         .env_clear()
-        .env("PATH", PATH)
+        .env("PATH", path)
         .env("HOME", "/root")
         .env("LANG", "C.UTF-8")
         // Cooperative preemption is enough for daemons and saves a signal delivery (expensive
@@ -159,6 +173,13 @@ mod tests {
                 ("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn dockerd_path_puts_the_runc_version_wrapper_first() {
+        let (first, rest) = DOCKERD_PATH.split_once(':').unwrap();
+        assert_eq!(first, "/usr/libexec/dinv/dockerd-path");
+        assert_eq!(rest, PATH, "otherwise the same PATH as containerd");
     }
 
     #[test]
