@@ -92,7 +92,7 @@ fn docker_cli_drives_dockerd_in_the_guest() {
             "--memory", "640M",
             "--volume-path", "/vol", "--volume-size", "256M", "--volume-uid", "1234", "--volume-gid", "2345",
             "--volume-image", volume_img.to_str().unwrap(),
-            "--docker-sock-gid", "4321",
+            "--docker-sock-uid", "4320", "--docker-sock-gid", "4321",
             "--insecure-registry", "registry.dinv.test:5000",
             "--storage-driver", "overlay2",
         ],
@@ -103,11 +103,11 @@ fn docker_cli_drives_dockerd_in_the_guest() {
         "the host formats the new docker disk, not the guest\n{}",
         dinv.vm.tail()
     );
-    // The socket's group (DINV_DOCKER_SOCK_GID).
+    // The socket's owner (DINV_DOCKER_SOCK_UID/GID); root still reaches it.
     {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(&dinv.sock).unwrap();
-        assert_eq!((meta.gid(), meta.mode() & 0o777), (4321, 0o660), "docker socket group/mode");
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (4320, 4321, 0o660), "docker socket owner/mode");
     }
 
     // Client and server both answer.

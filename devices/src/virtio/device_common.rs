@@ -6,12 +6,15 @@
 //! that was identical across them lives here.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use event_manager::{EventOps, EventSet, Events};
 use tracing::{error, warn};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{feature, ActivateError, ActivationContext};
+use super::{feature, ActivateError, ActivationContext, InterruptType, VirtioInterrupt};
 
 /// Event-loop token of the activate EventFd, the only fd a device registers at `init`.
 pub(crate) const ACTIVATE_TOKEN: u32 = 0;
@@ -134,6 +137,31 @@ impl<const N: usize> DeviceState<N> {
         self.queue_evts_registered = true;
         true
     }
+}
+
+/// After used buffers were added to queue `idx`: interrupt the driver if it wants to be
+/// (§2.7.7, §2.7.10 with VIRTIO_F_EVENT_IDX), counting in `interrupts`, or a failed interrupt
+/// in `errors`. A ring that cannot be read errs on the side of interrupting.
+pub(crate) fn notify_queue<M: GuestMemory>(
+    name: &str,
+    queue: &mut Queue,
+    mem: &M,
+    interrupt: &dyn VirtioInterrupt,
+    idx: usize,
+    (interrupts, errors): (&AtomicU64, &AtomicU64),
+) {
+    if !queue.needs_notification(mem).unwrap_or(true) {
+        return;
+    }
+    // Devices have a handful of queues: idx fits.
+    let int = InterruptType::Queue(u16::try_from(idx).unwrap_or(u16::MAX));
+    match interrupt.trigger(int) {
+        Ok(()) => interrupts.fetch_add(1, Ordering::Relaxed),
+        Err(e) => {
+            error!("{name}: cannot raise interrupt: {e}");
+            errors.fetch_add(1, Ordering::Relaxed)
+        }
+    };
 }
 
 /// Read `config` at `offset` into `data`; bytes past its end read as 0 (§2.5).

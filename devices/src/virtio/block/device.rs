@@ -20,8 +20,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::complete_invalid;
@@ -29,20 +28,13 @@ use super::{
     BlockConfig, BlockError, BlockMetrics, Disk, Request, RequestContext, DISCARD_SECTOR_ALIGNMENT,
     MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SIZE,
 };
-use crate::virtio::device_common::{read_config, DeviceState, ACTIVATE_TOKEN};
+use crate::virtio::device_common::{notify_queue, read_config, DeviceState, ACTIVATE_TOKEN};
 use crate::virtio::{
-    feature, ActivateError, ActivationContext, InterruptType, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    feature, ActivateError, ActivationContext, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 const QUEUE_TOKEN: u32 = 1;
-
-#[derive(Debug)]
-struct ActiveState {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    queues: Vec<Queue>,
-}
 
 /// A virtio-blk device with one request queue.
 #[derive(Debug)]
@@ -50,7 +42,7 @@ pub struct Block {
     disk: Disk,
     state: DeviceState<1>,
     config_space: Vec<u8>,
-    active: Option<ActiveState>,
+    active: Option<ActivationContext>,
     metrics: Arc<BlockMetrics>,
 }
 
@@ -169,18 +161,8 @@ impl Block {
         if !used_any {
             return;
         }
-        // If the ring cannot be read, err on the side of interrupting.
-        if queue.needs_notification(mem).unwrap_or(true) {
-            // The queue index is < queue_sizes.len() == 1.
-            let int = InterruptType::Queue(u16::try_from(idx).unwrap_or(0));
-            match active.interrupt.trigger(int) {
-                Ok(()) => BlockMetrics::inc(&self.metrics.interrupts),
-                Err(e) => {
-                    error!("virtio-blk: cannot raise interrupt: {e}");
-                    BlockMetrics::inc(&self.metrics.queue_errors);
-                }
-            }
-        }
+        let counters = (&self.metrics.interrupts, &self.metrics.queue_errors);
+        notify_queue("virtio-blk", queue, mem, &*active.interrupt, idx, counters);
     }
 
     fn handle_activate_event(&mut self, ops: &mut EventOps) {
@@ -240,11 +222,7 @@ impl VirtioDevice for Block {
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
         self.state.check_activation(self.active.is_some(), &ctx)?;
         self.state.signal_activation()?;
-        self.active = Some(ActiveState {
-            mem: ctx.mem,
-            interrupt: ctx.interrupt,
-            queues: ctx.queues,
-        });
+        self.active = Some(ctx);
         BlockMetrics::inc(&self.metrics.activations);
         Ok(())
     }

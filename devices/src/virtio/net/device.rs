@@ -36,10 +36,10 @@ use super::{
     NetBackend, NetConfig, NetError, NetMetrics, ETH_HLEN, HDR_LEN, MAX_MTU, MIN_MTU, NUM_QUEUES,
     QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VLAN_HLEN,
 };
-use crate::virtio::device_common::{read_config, DeviceState, ACTIVATE_TOKEN};
+use crate::virtio::device_common::{notify_queue, read_config, DeviceState, ACTIVATE_TOKEN};
 use crate::virtio::{
-    feature, ActivateError, ActivationContext, InterruptType, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    feature, ActivateError, ActivationContext, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 const RX_TOKEN: u32 = 1;
@@ -53,13 +53,6 @@ const _: () =
 const TX_POLL_EVERY: usize = 256;
 /// Size of the configuration space: `mac`, `status`, `max_virtqueue_pairs`, `mtu` (§5.1.4).
 const CONFIG_LEN: usize = 12;
-
-#[derive(Debug)]
-struct ActiveState {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    queues: Vec<Queue>,
-}
 
 /// How reserving rx buffers for one frame ended.
 enum Reserve {
@@ -78,7 +71,7 @@ pub struct Net {
     mtu: u16,
     backend: Box<dyn NetBackend + Send>,
     state: DeviceState<NUM_QUEUES>,
-    active: Option<ActiveState>,
+    active: Option<ActivationContext>,
     reset_pending: bool,
     backend_fd_registered: Option<RawFd>,
     tx_buf: Vec<u8>,
@@ -230,7 +223,14 @@ impl Net {
             }
         }
         if used_any {
-            notify(queue, mem, &*active.interrupt, TX_QUEUE, metrics);
+            notify_queue(
+                "virtio-net",
+                queue,
+                mem,
+                &*active.interrupt,
+                TX_QUEUE,
+                (&metrics.interrupts, &metrics.queue_errors),
+            );
         }
         sent > 0
     }
@@ -339,7 +339,14 @@ impl Net {
             NetMetrics::add(&metrics.rx_malformed, bad.len() as u64);
         }
         if used_any {
-            notify(queue, mem, &*active.interrupt, RX_QUEUE, metrics);
+            notify_queue(
+                "virtio-net",
+                queue,
+                mem,
+                &*active.interrupt,
+                RX_QUEUE,
+                (&metrics.interrupts, &metrics.queue_errors),
+            );
         }
         used_any
     }
@@ -457,27 +464,6 @@ fn backend_events(fd: RawFd) -> Events {
     Events::with_data_raw(fd, BACKEND_TOKEN, EventSet::IN)
 }
 
-fn notify(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    interrupt: &dyn VirtioInterrupt,
-    idx: usize,
-    metrics: &NetMetrics,
-) {
-    // If the ring cannot be read, err on the side of interrupting.
-    if queue.needs_notification(mem).unwrap_or(true) {
-        // idx < NUM_QUEUES.
-        let int = InterruptType::Queue(u16::try_from(idx).unwrap_or(0));
-        match interrupt.trigger(int) {
-            Ok(()) => NetMetrics::inc(&metrics.interrupts),
-            Err(e) => {
-                error!("virtio-net: cannot raise interrupt: {e}");
-                NetMetrics::inc(&metrics.queue_errors);
-            }
-        }
-    }
-}
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -514,11 +500,7 @@ impl VirtioDevice for Net {
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
         self.state.check_activation(self.active.is_some(), &ctx)?;
         self.state.signal_activation()?;
-        self.active = Some(ActiveState {
-            mem: ctx.mem,
-            interrupt: ctx.interrupt,
-            queues: ctx.queues,
-        });
+        self.active = Some(ctx);
         NetMetrics::inc(&self.metrics.activations);
         Ok(())
     }

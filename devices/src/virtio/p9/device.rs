@@ -28,10 +28,10 @@ use super::{
     validate_tag, P9Config, P9Error, P9Metrics, DEFAULT_WORKERS, MAX_WORKERS, QUEUE_SIZE,
     VIRTIO_9P_MOUNT_TAG,
 };
-use crate::virtio::device_common::{read_config, DeviceState, ACTIVATE_TOKEN};
+use crate::virtio::device_common::{notify_queue, read_config, DeviceState, ACTIVATE_TOKEN};
 use crate::virtio::{
-    feature, ActivateError, ActivationContext, InterruptType, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    feature, ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 const QUEUE_TOKEN: u32 = 1;
@@ -199,15 +199,9 @@ impl P9Device {
             }
             used_any = true;
         }
-        // If the ring cannot be read, err on the side of interrupting.
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
-            match active.interrupt.trigger(InterruptType::Queue(0)) {
-                Ok(()) => P9Metrics::inc(&self.metrics.interrupts),
-                Err(e) => {
-                    error!("virtio-9p: cannot raise interrupt: {e}");
-                    P9Metrics::inc(&self.metrics.queue_errors);
-                }
-            }
+        if used_any {
+            let counters = (&self.metrics.interrupts, &self.metrics.queue_errors);
+            notify_queue("virtio-9p", queue, mem, &*active.interrupt, 0, counters);
         }
     }
 

@@ -20,29 +20,21 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{debug, error, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     FdOp, RxBuffer, TxPacket, UnixMuxer, VsockBackend, VsockConfig, VsockError, VsockMetrics,
     EVENT_QUEUE, HOST_CID, MAX_PKT_LEN, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, TYPE_STREAM,
 };
-use crate::virtio::device_common::{read_config, DeviceState, ACTIVATE_TOKEN};
+use crate::virtio::device_common::{notify_queue, read_config, DeviceState, ACTIVATE_TOKEN};
 use crate::virtio::{
-    feature, ActivateError, ActivationContext, InterruptType, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    feature, ActivateError, ActivationContext, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 const QUEUE_TOKEN: u32 = 1;
 const BACKEND_TOKEN: u32 = QUEUE_TOKEN + NUM_QUEUES as u32;
-
-#[derive(Debug)]
-struct ActiveState {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    queues: Vec<Queue>,
-}
 
 /// A virtio-vsock device over a [`VsockBackend`] (by default the unix-socket muxer).
 #[derive(Debug)]
@@ -50,7 +42,7 @@ pub struct Vsock<B: VsockBackend = UnixMuxer> {
     guest_cid: u64,
     backend: B,
     state: DeviceState<NUM_QUEUES>,
-    active: Option<ActiveState>,
+    active: Option<ActivationContext>,
     backend_active: bool,
     reset_pending: bool,
     tx_stalled: bool,
@@ -183,7 +175,14 @@ impl<B: VsockBackend> Vsock<B> {
             }
         }
         if used_any {
-            notify(queue, mem, &*active.interrupt, TX_QUEUE, metrics);
+            notify_queue(
+                "virtio-vsock",
+                queue,
+                mem,
+                &*active.interrupt,
+                TX_QUEUE,
+                (&metrics.interrupts, &metrics.queue_errors),
+            );
         }
     }
 
@@ -266,7 +265,14 @@ impl<B: VsockBackend> Vsock<B> {
             }
         }
         if used_any {
-            notify(queue, mem, &*active.interrupt, RX_QUEUE, metrics);
+            notify_queue(
+                "virtio-vsock",
+                queue,
+                mem,
+                &*active.interrupt,
+                RX_QUEUE,
+                (&metrics.interrupts, &metrics.queue_errors),
+            );
         }
         used_any
     }
@@ -368,27 +374,6 @@ fn check_cid(cid: u64) -> Result<(), VsockError> {
     Ok(())
 }
 
-fn notify(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    interrupt: &dyn VirtioInterrupt,
-    idx: usize,
-    metrics: &VsockMetrics,
-) {
-    // If the ring cannot be read, err on the side of interrupting.
-    if queue.needs_notification(mem).unwrap_or(true) {
-        // idx < NUM_QUEUES.
-        let int = InterruptType::Queue(u16::try_from(idx).unwrap_or(0));
-        match interrupt.trigger(int) {
-            Ok(()) => VsockMetrics::inc(&metrics.interrupts),
-            Err(e) => {
-                error!("virtio-vsock: cannot raise interrupt: {e}");
-                VsockMetrics::inc(&metrics.queue_errors);
-            }
-        }
-    }
-}
-
 impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
@@ -422,11 +407,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
         self.state.check_activation(self.active.is_some(), &ctx)?;
         self.state.signal_activation()?;
-        self.active = Some(ActiveState {
-            mem: ctx.mem,
-            interrupt: ctx.interrupt,
-            queues: ctx.queues,
-        });
+        self.active = Some(ctx);
         VsockMetrics::inc(&self.metrics.activations);
         Ok(())
     }
