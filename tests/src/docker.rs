@@ -57,11 +57,7 @@ impl Dinv {
         let started = Instant::now();
         // Never hang the suite: every CLI call gets a (generous, PVM-sized) deadline.
         let out = Command::new("timeout")
-            .args([
-                "--kill-after=10",
-                &DOCKER_CALL_TIMEOUT.as_secs().to_string(),
-                "docker",
-            ])
+            .args(["--kill-after=10", &DOCKER_CALL_TIMEOUT.as_secs().to_string(), "docker"])
             .env("DOCKER_HOST", format!("unix://{}", self.sock.display()))
             .env("DOCKER_BUILDKIT", "0")
             .args(args)
@@ -98,25 +94,12 @@ impl Dinv {
         // SAFETY: plain kill(2) on our own child.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
         let started = Instant::now();
-        let status = self
-            .vm
-            .wait_exit(Duration::from_secs(SHUTDOWN_TIMEOUT_SECS + 120));
-        assert!(
-            status.success(),
-            "dinv exited {status} after SIGTERM\n{}",
-            self.vm.tail()
-        );
+        let status = self.vm.wait_exit(Duration::from_secs(SHUTDOWN_TIMEOUT_SECS + 120));
+        assert!(status.success(), "dinv exited {status} after SIGTERM\n{}", self.vm.tail());
         eprintln!("SIGTERM -> exit {:.1}s", started.elapsed().as_secs_f64());
+        assert!(!self.vm.lines_with("dinv-agent: powering off").is_empty(), "{}", self.vm.tail());
         assert!(
-            !self.vm.lines_with("dinv-agent: powering off").is_empty(),
-            "{}",
-            self.vm.tail()
-        );
-        assert!(
-            self.vm
-                .transcript
-                .iter()
-                .any(|l| l.contains("dockerd") && (l.contains("stop") || l.contains("Stop"))),
+            self.vm.transcript.iter().any(|l| l.contains("dockerd") && (l.contains("stop") || l.contains("Stop"))),
             "guest did not log dockerd stopping\n{}",
             self.vm.tail()
         );
@@ -137,13 +120,6 @@ pub fn busybox_tarball(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     let tar = dir.join("busybox.tar");
-    run_ok(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .arg("-cf")
-            .arg(&tar)
-            .arg("."),
-    );
+    run_ok(Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg("."));
     tar
 }

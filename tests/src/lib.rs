@@ -18,13 +18,8 @@ pub mod payload;
 pub fn artifact(var: &str) -> PathBuf {
     match std::env::var_os(var) {
         Some(p) if Path::new(&p).exists() => PathBuf::from(p),
-        Some(p) => panic!(
-            "{var}={} does not exist; run the guest-image build scripts (see .ci/run)",
-            Path::new(&p).display()
-        ),
-        None => panic!(
-            "{var} is not set; run the guest-image build scripts and export it (see .ci/run)"
-        ),
+        Some(p) => panic!("{var}={} does not exist; run the guest-image build scripts (see .ci/run)", Path::new(&p).display()),
+        None => panic!("{var} is not set; run the guest-image build scripts and export it (see .ci/run)"),
     }
 }
 
@@ -50,11 +45,7 @@ pub fn dinv_bin() -> PathBuf {
 
 /// Fails unless `/dev/kvm` is usable: whole-system tests need it and must not skip.
 pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         panic!("/dev/kvm is required for this test: {e}");
     }
 }
@@ -96,17 +87,12 @@ impl Running {
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().expect("stdout");
         let err = child.stderr.take().expect("stderr");
-        for (stream, prefix) in [
-            (Box::new(out) as Box<dyn std::io::Read + Send>, ""),
-            (Box::new(err), "[dinv] "),
-        ] {
+        for (stream, prefix) in [(Box::new(out) as Box<dyn std::io::Read + Send>, ""), (Box::new(err), "[dinv] ")] {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).split(b'\n') {
                     let Ok(line) = line else { break };
-                    let text = String::from_utf8_lossy(&line)
-                        .trim_end_matches('\r')
-                        .to_string();
+                    let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
                     if tx.send(format!("{prefix}{text}")).is_err() {
                         break;
                     }
@@ -152,10 +138,7 @@ impl Running {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 self.kill();
-                panic!(
-                    "timed out after {timeout:?} waiting for {needle:?}\n{}",
-                    self.tail()
-                );
+                panic!("timed out after {timeout:?} waiting for {needle:?}\n{}", self.tail());
             }
             match self.take_line(left.min(Duration::from_millis(500))) {
                 Some(line) if line.contains(needle) => return line,
@@ -199,11 +182,7 @@ impl Running {
 
     /// Lines seen so far that contain `needle`.
     pub fn lines_with(&self, needle: &str) -> Vec<&str> {
-        self.transcript
-            .iter()
-            .filter(|l| l.contains(needle))
-            .map(String::as_str)
-            .collect()
+        self.transcript.iter().filter(|l| l.contains(needle)).map(String::as_str).collect()
     }
 
     /// Kills the process.
@@ -223,9 +202,7 @@ impl Drop for Running {
 
 /// Runs a host command, panicking with its output if it fails; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}\n{}",

@@ -56,7 +56,7 @@ pub fn elf(code: &[u8], pvh: bool) -> Vec<u8> {
     put(&mut b, &64u16.to_le_bytes()); // e_shentsize
     put(&mut b, &0u16.to_le_bytes()); // e_shnum
     put(&mut b, &0u16.to_le_bytes()); // e_shstrndx
-                                      // PT_LOAD, R+X.
+    // PT_LOAD, R+X.
     put(&mut b, &1u32.to_le_bytes());
     put(&mut b, &5u32.to_le_bytes());
     put(&mut b, &(code_off as u64).to_le_bytes());

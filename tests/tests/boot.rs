@@ -16,11 +16,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn mkfs(path: &Path, size: &str) {
     run_ok(Command::new("truncate").args(["-s", size]).arg(path));
-    run_ok(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-E", "nodiscard", "-L", "dinvdata"])
-            .arg(path),
-    );
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard", "-L", "dinvdata"]).arg(path));
 }
 
 #[test]
@@ -35,10 +31,7 @@ fn guest_boots_writes_its_second_disk_and_powers_off() {
     let token = format!(
         "t{}x{}",
         std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_micros()
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros()
     );
 
     let mut vm = Running::spawn([
@@ -59,35 +52,19 @@ fn guest_boots_writes_its_second_disk_and_powers_off() {
     let cpus = vm.wait_for("DINV-TEST-CPUS", STEP_TIMEOUT);
     assert!(cpus.trim_end().ends_with(" 1"), "{cpus}");
     let blk = vm.wait_for("DINV-TEST-BLK-", STEP_TIMEOUT);
-    assert!(
-        blk.contains(&format!("DINV-TEST-BLK-OK {token}")),
-        "{blk}\n{}",
-        vm.tail()
-    );
+    assert!(blk.contains(&format!("DINV-TEST-BLK-OK {token}")), "{blk}\n{}", vm.tail());
     let trim = vm.wait_for("DINV-TEST-TRIM", STEP_TIMEOUT);
     vm.wait_for("DINV-TEST-DONE", STEP_TIMEOUT);
     let status = vm.wait_exit(STEP_TIMEOUT);
-    assert!(
-        status.success(),
-        "dinv exited {status} after guest poweroff\n{}",
-        vm.tail()
-    );
+    assert!(status.success(), "dinv exited {status} after guest poweroff\n{}", vm.tail());
     assert!(vm.lines_with("DINV-TEST-FAIL").is_empty(), "{}", vm.tail());
     if Path::new("/sys/module/kvm_pvm").exists() {
-        assert!(
-            !vm.lines_with("PVM detected").is_empty(),
-            "PVM profile not applied\n{}",
-            vm.tail()
-        );
+        assert!(!vm.lines_with("PVM detected").is_empty(), "PVM profile not applied\n{}", vm.tail());
     }
     eprintln!("exec -> init marker: {:.1}s", time_to_init.as_secs_f64());
 
     // What the guest wrote is on the host's image, and the filesystem is clean.
-    let got = run_ok(
-        Command::new("debugfs")
-            .args(["-R", "cat /token.txt"])
-            .arg(&data),
-    );
+    let got = run_ok(Command::new("debugfs").args(["-R", "cat /token.txt"]).arg(&data));
     assert_eq!(got.trim(), token);
     run_ok(Command::new("e2fsck").args(["-fn"]).arg(&data));
     // fstrim in the guest punched the 8 MiB file it wrote and deleted out of the sparse image.

@@ -30,10 +30,7 @@ fn dinv(env: &[(&str, &str)], args: &[&str]) -> Output {
         cmd.env(k, v);
     }
     let out = cmd.args(args).output().expect("run dinv");
-    assert!(
-        !dir.path().join("docker.img").exists(),
-        "dinv created the docker disk for a bad option"
-    );
+    assert!(!dir.path().join("docker.img").exists(), "dinv created the docker disk for a bad option");
     out
 }
 
@@ -59,58 +56,26 @@ fn every_invalid_value_is_one_line_naming_the_option_and_exit_2() {
         (&[("DINV_TCP_PORTS", "8080;8080")], &[], "DINV_TCP_PORTS"),
         (&[("DINV_UDP_PORTS", "70000")], &[], "DINV_UDP_PORTS"),
         (&[("DINV_SUBNET", "10.1.2.0/33")], &[], "DINV_SUBNET"),
-        (
-            &[("DINV_MOUNTS", "/nonexistent-dinv-dir")],
-            &[],
-            "DINV_MOUNTS",
-        ),
+        (&[("DINV_MOUNTS", "/nonexistent-dinv-dir")], &[], "DINV_MOUNTS"),
         (&[("DINV_MOUNTS", "relative/dir")], &[], "DINV_MOUNTS"),
-        (
-            &[("DINV_VOLUME_PATH", "/vol"), ("DINV_VOLUME_SIZE", "1M")],
-            &[],
-            "DINV_VOLUME_SIZE",
-        ),
-        (
-            &[("DINV_VOLUME_PATH", "/vol"), ("DINV_VOLUME_SIZE", "big")],
-            &[],
-            "DINV_VOLUME_SIZE",
-        ),
+        (&[("DINV_VOLUME_PATH", "/vol"), ("DINV_VOLUME_SIZE", "1M")], &[], "DINV_VOLUME_SIZE"),
+        (&[("DINV_VOLUME_PATH", "/vol"), ("DINV_VOLUME_SIZE", "big")], &[], "DINV_VOLUME_SIZE"),
         (&[("DINV_VOLUME_PATH", "vol")], &[], "DINV_VOLUME_PATH"),
         (&[("DINV_VOLUME_PATH", "/etc")], &[], "DINV_VOLUME_PATH"),
         (&[("DINV_VOLUME_PATH", "/a:b")], &[], "DINV_VOLUME_PATH"),
         (&[("DINV_VOLUME_UID", "-1")], &[], "--volume-uid"),
         (&[("DINV_VOLUME_GID", "x")], &[], "--volume-gid"),
-        (
-            &[("DINV_DOCKER_SOCK_UID", "root")],
-            &[],
-            "--docker-sock-uid",
-        ),
-        (
-            &[("DINV_SHUTDOWN_TIMEOUT", "soon")],
-            &[],
-            "--shutdown-timeout",
-        ),
+        (&[("DINV_DOCKER_SOCK_UID", "root")], &[], "--docker-sock-uid"),
+        (&[("DINV_SHUTDOWN_TIMEOUT", "soon")], &[], "--shutdown-timeout"),
         (&[], &["--insecure-registry=-x"], "--insecure-registry"),
         (&[], &["--insecure-registry", "a b"], "--insecure-registry"),
-        (
-            &[("DINV_STORAGE_DRIVER", "Over Lay")],
-            &[],
-            "--storage-driver",
-        ),
+        (&[("DINV_STORAGE_DRIVER", "Over Lay")], &[], "--storage-driver"),
         (&[], &["--tls-san", "not a name"], "--tls-san"),
         (&[], &["--tcp-listen", "127.0.0.1:2375"], "--tcp-listen"),
         (&[], &["--tcp-listen", "nowhere"], "--tcp-listen"),
         (&[], &["--local", "--tlsverify"], "--local"),
-        (
-            &[("DINV_KERNEL", "/nonexistent-dinv-kernel")],
-            &[],
-            "kernel",
-        ),
-        (
-            &[("DINV_ROOTFS", "/nonexistent-dinv-rootfs")],
-            &[],
-            "root filesystem",
-        ),
+        (&[("DINV_KERNEL", "/nonexistent-dinv-kernel")], &[], "kernel"),
+        (&[("DINV_ROOTFS", "/nonexistent-dinv-rootfs")], &[], "root filesystem"),
     ];
     let mut failures = Vec::new();
     for (env, args, name) in cases {
@@ -123,18 +88,10 @@ fn every_invalid_value_is_one_line_naming_the_option_and_exit_2() {
             && first.contains(name)
             && (!ours || stderr.trim_end().lines().count() == 1);
         if !ok {
-            failures.push(format!(
-                "{env:?} {args:?}: exit {:?}, stderr {stderr:?}",
-                out.status.code()
-            ));
+            failures.push(format!("{env:?} {args:?}: exit {:?}, stderr {stderr:?}", out.status.code()));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} case(s) wrong:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} case(s) wrong:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -163,20 +120,9 @@ fn help_documents_every_option_with_its_environment_variable() {
         "DINV_LOG_LEVEL",
         "DEBUG",
     ] {
-        assert!(
-            help.contains(&format!("env: {var}=")),
-            "--help does not document {var}"
-        );
+        assert!(help.contains(&format!("env: {var}=")), "--help does not document {var}");
     }
-    for flag in [
-        "--tls",
-        "--tlsverify",
-        "--insecure-registry",
-        "--storage-driver",
-        "--local",
-        "--log-level",
-        "--tcp",
-    ] {
+    for flag in ["--tls", "--tlsverify", "--insecure-registry", "--storage-driver", "--local", "--log-level", "--tcp"] {
         assert!(help.contains(flag), "--help does not document {flag}");
     }
 }
@@ -198,128 +144,42 @@ fn every_option_reaches_the_configuration_as_env_and_as_flag() {
         ("DINV_MEMORY", "--memory", "1G", &["memory=1073741824"]),
         ("DINV_MEMORY", "--memory", "768M", &["memory=805306368"]),
         ("DINV_MEMORY", "--memory", "524288K", &["memory=536870912"]),
-        (
-            "DINV_DOCKER_SIZE",
-            "--docker-size",
-            "2G",
-            &["docker_size=2147483648"],
-        ),
-        (
-            "DINV_DOCKER_SOCK_UID",
-            "--docker-sock-uid",
-            "1000",
-            &["docker_sock_owner=Some(1000):None"],
-        ),
-        (
-            "DINV_DOCKER_SOCK_GID",
-            "--docker-sock-gid",
-            "999",
-            &["docker_sock_owner=None:Some(999)"],
-        ),
-        (
-            "DINV_SHUTDOWN_TIMEOUT",
-            "--shutdown-timeout",
-            "30",
-            &["shutdown_timeout=30", "dinv.shutdown_timeout=30"],
-        ),
-        (
-            "DINV_TCP_PORTS",
-            "--tcp-ports",
-            "80;8080:81",
-            &["tcp_ports=80:80;8080:81"],
-        ),
-        (
-            "DINV_UDP_PORTS",
-            "--udp-ports",
-            "53:5353",
-            &["udp_ports=53:5353"],
-        ),
-        (
-            "DINV_SUBNET",
-            "--subnet",
-            "10.99.0.0/24",
-            &[
-                "subnet=10.99.0.0/24",
-                "dinv.ip=10.99.0.15/24",
-                "dinv.gw=10.99.0.1",
-            ],
-        ),
-        (
-            "DINV_MOUNTS",
-            "--mounts",
-            "/tmp:/host-tmp:ro",
-            &["mount=/tmp:/host-tmp:ro", "dinv.mount=dinv0:/host-tmp:ro"],
-        ),
-        (
-            "DINV_VOLUME_PATH",
-            "--volume-path",
-            "/work",
-            &["dinv.volume=/dev/vdc:/work:0:0"],
-        ),
-        (
-            "DINV_STORAGE_DRIVER",
-            "--storage-driver",
-            "vfs",
-            &["dinv.storage_driver=vfs"],
-        ),
-        (
-            "DINV_INSECURE_REGISTRY",
-            "--insecure-registry",
-            "reg.example:5000",
-            &["dinv.insecure_registry=reg.example:5000"],
-        ),
+        ("DINV_DOCKER_SIZE", "--docker-size", "2G", &["docker_size=2147483648"]),
+        ("DINV_DOCKER_SOCK_UID", "--docker-sock-uid", "1000", &["docker_sock_owner=Some(1000):None"]),
+        ("DINV_DOCKER_SOCK_GID", "--docker-sock-gid", "999", &["docker_sock_owner=None:Some(999)"]),
+        ("DINV_SHUTDOWN_TIMEOUT", "--shutdown-timeout", "30", &["shutdown_timeout=30", "dinv.shutdown_timeout=30"]),
+        ("DINV_TCP_PORTS", "--tcp-ports", "80;8080:81", &["tcp_ports=80:80;8080:81"]),
+        ("DINV_UDP_PORTS", "--udp-ports", "53:5353", &["udp_ports=53:5353"]),
+        ("DINV_SUBNET", "--subnet", "10.99.0.0/24", &["subnet=10.99.0.0/24", "dinv.ip=10.99.0.15/24", "dinv.gw=10.99.0.1"]),
+        ("DINV_MOUNTS", "--mounts", "/tmp:/host-tmp:ro", &["mount=/tmp:/host-tmp:ro", "dinv.mount=dinv0:/host-tmp:ro"]),
+        ("DINV_VOLUME_PATH", "--volume-path", "/work", &["dinv.volume=/dev/vdc:/work:0:0"]),
+        ("DINV_STORAGE_DRIVER", "--storage-driver", "vfs", &["dinv.storage_driver=vfs"]),
+        ("DINV_INSECURE_REGISTRY", "--insecure-registry", "reg.example:5000", &["dinv.insecure_registry=reg.example:5000"]),
         ("DINV_CMDLINE", "--cmdline", "quiet", &[" quiet"]),
     ];
     for (var, flag, value, expect) in cases {
-        for out in [
-            resolved(&[(var, value)], &[]),
-            resolved(&[], &[&format!("{flag}={value}")]),
-        ] {
+        for out in [resolved(&[(var, value)], &[]), resolved(&[], &[&format!("{flag}={value}")])] {
             for e in *expect {
-                assert!(
-                    out.contains(e),
-                    "{var}/{flag}={value}: expected {e:?} in\n{out}"
-                );
+                assert!(out.contains(e), "{var}/{flag}={value}: expected {e:?} in\n{out}");
             }
         }
     }
     // Booleans and combinations.
-    let vol = [
-        ("DINV_VOLUME_PATH", "/v"),
-        ("DINV_VOLUME_SIZE", "2G"),
-        ("DINV_VOLUME_UID", "7"),
-        ("DINV_VOLUME_GID", "8"),
-    ];
+    let vol = [("DINV_VOLUME_PATH", "/v"), ("DINV_VOLUME_SIZE", "2G"), ("DINV_VOLUME_UID", "7"), ("DINV_VOLUME_GID", "8")];
     assert!(resolved(&vol, &[]).contains(":2147483648:/v:7:8"));
     assert!(resolved(&[("DEBUG", "1")], &[]).contains("dinv.debug=1"));
     assert!(!resolved(&[("DEBUG", "0")], &[]).contains("dinv.debug"));
     assert!(resolved(&[], &["--debug"]).contains("dinv.debug=1"));
-    assert!(resolved(
-        &[("DINV_INSECURE_REGISTRY", "a.example,b.example:5000")],
-        &[]
-    )
-    .contains("dinv.insecure_registry=a.example dinv.insecure_registry=b.example:5000"));
+    assert!(resolved(&[("DINV_INSECURE_REGISTRY", "a.example,b.example:5000")], &[])
+        .contains("dinv.insecure_registry=a.example dinv.insecure_registry=b.example:5000"));
     assert!(resolved(&[], &[]).contains("tcp_api=none"));
     assert!(resolved(&[("DINV_TCP", "1")], &[]).contains("tcp_api=plain 0.0.0.0:2375"));
     assert!(resolved(&[], &["--tls"]).contains("tcp_api=tls 0.0.0.0:2376 verify=false"));
-    let tls = resolved(
-        &[
-            ("DINV_TLSVERIFY", "true"),
-            ("DINV_TLS_SAN", "ci.example,10.1.2.3"),
-        ],
-        &["--tcp-listen", "127.0.0.1:12376"],
-    );
-    assert!(
-        tls.contains("tcp_api=tls 127.0.0.1:12376 verify=true")
-            && tls.contains("sans=ci.example,10.1.2.3"),
-        "{tls}"
-    );
+    let tls = resolved(&[("DINV_TLSVERIFY", "true"), ("DINV_TLS_SAN", "ci.example,10.1.2.3")], &["--tcp-listen", "127.0.0.1:12376"]);
+    assert!(tls.contains("tcp_api=tls 127.0.0.1:12376 verify=true") && tls.contains("sans=ci.example,10.1.2.3"), "{tls}");
     assert!(resolved(&[("DINV_LOCAL", "1")], &[]).contains("tcp_api=none"));
     // Nothing on the guest command line escapes its parameter (no spaces smuggled in).
     let line = resolved(&[("DINV_MOUNTS", "/tmp:/host-tmp")], &[]);
-    let cmdline = line
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdline="))
-        .unwrap();
+    let cmdline = line.lines().find_map(|l| l.strip_prefix("cmdline=")).unwrap();
     assert!(cmdline.split_whitespace().all(|w| !w.is_empty()));
 }

@@ -7,10 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// Instructions with line continuations joined.
@@ -35,8 +32,7 @@ fn instructions(text: &str) -> Vec<String> {
 
 #[test]
 fn dockerfile_copies_and_runs_only_what_exists() {
-    let text = std::fs::read_to_string(repo().join("Dockerfile"))
-        .expect("Dockerfile at the repository root");
+    let text = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile at the repository root");
     let ins = instructions(&text);
     let mut copied = 0;
     for i in &ins {
@@ -55,57 +51,31 @@ fn dockerfile_copies_and_runs_only_what_exists() {
 
     // Scripts it runs: the ones CI runs, present and executable.
     for script in ["guest-image/kernel/build.sh", "guest-image/rootfs/build.sh"] {
-        assert!(
-            text.contains(script),
-            "the Dockerfile must build with {script} (one recipe with CI)"
-        );
-        let mode = std::fs::metadata(repo().join(script))
-            .unwrap()
-            .permissions()
-            .mode();
+        assert!(text.contains(script), "the Dockerfile must build with {script} (one recipe with CI)");
+        let mode = std::fs::metadata(repo().join(script)).unwrap().permissions().mode();
         assert!(mode & 0o111 != 0, "{script} is not executable");
         assert!(
-            std::fs::read_to_string(repo().join("scripts/setup"))
-                .unwrap()
-                .contains(script),
+            std::fs::read_to_string(repo().join("scripts/setup")).unwrap().contains(script),
             "CI (scripts/setup) no longer runs {script}"
         );
     }
     // Every workspace member's directory is copied (the build compiles the workspace's lockfile).
     let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
-    let members = manifest
-        .split("members")
-        .nth(1)
-        .and_then(|s| s.split(']').next())
-        .unwrap();
+    let members = manifest.split("members").nth(1).and_then(|s| s.split(']').next()).unwrap();
     for m in members.split('"').skip(1).step_by(2) {
         let top = m.split('/').next().unwrap();
         assert!(
-            ins.iter()
-                .any(|i| i.starts_with("COPY ") && i.split_whitespace().nth(1) == Some(top)),
+            ins.iter().any(|i| i.starts_with("COPY ") && i.split_whitespace().nth(1) == Some(top)),
             "workspace member {m} is not copied into the build stage"
         );
     }
 
     let last_from = ins.iter().rposition(|i| i.starts_with("FROM ")).unwrap();
     let runtime = &ins[last_from..];
-    assert!(
-        runtime.iter().any(|i| i == r#"CMD ["dinv"]"#),
-        "runtime command must be dinv"
-    );
-    assert!(
-        runtime
-            .iter()
-            .any(|i| i.starts_with("RUN ") && i.contains("docker-cli")),
-        "docker CLI missing"
-    );
-    assert!(runtime.iter().any(|i| i.starts_with("VOLUME")
-        && ["/docker", "/volume", "/certs"]
-            .iter()
-            .all(|v| i.contains(v))));
-    assert!(runtime
-        .iter()
-        .any(|i| i.starts_with("HEALTHCHECK") && i.contains(r#""dinv", "health""#)));
+    assert!(runtime.iter().any(|i| i == r#"CMD ["dinv"]"#), "runtime command must be dinv");
+    assert!(runtime.iter().any(|i| i.starts_with("RUN ") && i.contains("docker-cli")), "docker CLI missing");
+    assert!(runtime.iter().any(|i| i.starts_with("VOLUME") && ["/docker", "/volume", "/certs"].iter().all(|v| i.contains(v))));
+    assert!(runtime.iter().any(|i| i.starts_with("HEALTHCHECK") && i.contains(r#""dinv", "health""#)));
 }
 
 #[test]
@@ -117,8 +87,5 @@ fn dinv_health_fails_without_a_docker_api() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("not ready"),
-        "{out:?}"
-    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not ready"), "{out:?}");
 }

@@ -57,24 +57,13 @@ fn fake_dockerd(dir: &Path) -> (PathBuf, Arc<AtomicUsize>) {
                     } else {
                         ("text/plain", "not found".to_string())
                     };
-                    let status = if ctype == "text/plain" && body == "not found" {
-                        "404 Not Found"
-                    } else {
-                        "200 OK"
-                    };
+                    let status = if ctype == "text/plain" && body == "not found" { "404 Not Found" } else { "200 OK" };
                     let head = format!(
                         "HTTP/1.1 {status}\r\nApi-Version: 1.45\r\nOstype: linux\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
                         body.len()
                     );
-                    let body = if request.starts_with("HEAD ") {
-                        String::new()
-                    } else {
-                        body
-                    };
-                    if w.write_all(head.as_bytes())
-                        .and_then(|()| w.write_all(body.as_bytes()))
-                        .is_err()
-                    {
+                    let body = if request.starts_with("HEAD ") { String::new() } else { body };
+                    if w.write_all(head.as_bytes()).and_then(|()| w.write_all(body.as_bytes())).is_err() {
                         return;
                     }
                 }
@@ -109,43 +98,18 @@ fn docker_cli_over_tlsverify_and_refusals() {
     let tmp = tempfile::tempdir().unwrap();
     let (target, hits) = fake_dockerd(tmp.path());
     let dir = tmp.path().join("certs");
-    let settings = TlsSettings {
-        certs_dir: dir.clone(),
-        verify: true,
-        extra_sans: vec![],
-    };
+    let settings = TlsSettings { certs_dir: dir.clone(), verify: true, extra_sans: vec![] };
     let mut tcp = TcpApi::tls(settings);
     tcp.listen = "127.0.0.1:0".parse().unwrap();
     let addr = api::serve(&tcp, target).expect("serve");
     let host = format!("tcp://127.0.0.1:{}", addr.port());
-    for f in [
-        api::CA_CERT,
-        api::SERVER_CERT,
-        api::SERVER_KEY,
-        api::CLIENT_CERT,
-        api::CLIENT_KEY,
-    ] {
+    for f in [api::CA_CERT, api::SERVER_CERT, api::SERVER_KEY, api::CLIENT_CERT, api::CLIENT_KEY] {
         assert!(dir.join(f).is_file(), "{f} was not generated");
     }
 
     // The generated client certificate: works.
-    let (ca, cert, key) = (
-        certs(&dir, api::CA_CERT),
-        certs(&dir, api::CLIENT_CERT),
-        certs(&dir, api::CLIENT_KEY),
-    );
-    let ok = docker(
-        &host,
-        &[
-            "--tlsverify",
-            "--tlscacert",
-            &ca,
-            "--tlscert",
-            &cert,
-            "--tlskey",
-            &key,
-        ],
-    );
+    let (ca, cert, key) = (certs(&dir, api::CA_CERT), certs(&dir, api::CLIENT_CERT), certs(&dir, api::CLIENT_KEY));
+    let ok = docker(&host, &["--tlsverify", "--tlscacert", &ca, "--tlscert", &cert, "--tlskey", &key]);
     assert!(ok.status.success(), "{ok:?}");
     assert_eq!(server_version(&ok), FAKE_VERSION);
     // `DOCKER_CERT_PATH` style (the files' default names) works too.
@@ -162,59 +126,21 @@ fn docker_cli_over_tlsverify_and_refusals() {
 
     // No client certificate: refused.
     let no_cert = docker(&host, &["--tlsverify", "--tlscacert", &ca]);
-    assert!(
-        !no_cert.status.success() && server_version(&no_cert).is_empty(),
-        "{no_cert:?}"
-    );
+    assert!(!no_cert.status.success() && server_version(&no_cert).is_empty(), "{no_cert:?}");
     // A client certificate from another CA: refused.
     let other = tmp.path().join("other");
     api::ensure_certs(&other, &[]).unwrap();
-    let (ocert, okey) = (
-        certs(&other, api::CLIENT_CERT),
-        certs(&other, api::CLIENT_KEY),
-    );
-    let foreign = docker(
-        &host,
-        &[
-            "--tlsverify",
-            "--tlscacert",
-            &ca,
-            "--tlscert",
-            &ocert,
-            "--tlskey",
-            &okey,
-        ],
-    );
-    assert!(
-        !foreign.status.success() && server_version(&foreign).is_empty(),
-        "{foreign:?}"
-    );
+    let (ocert, okey) = (certs(&other, api::CLIENT_CERT), certs(&other, api::CLIENT_KEY));
+    let foreign = docker(&host, &["--tlsverify", "--tlscacert", &ca, "--tlscert", &ocert, "--tlskey", &okey]);
+    assert!(!foreign.status.success() && server_version(&foreign).is_empty(), "{foreign:?}");
     // A client that trusts another CA refuses our server.
     let oca = certs(&other, api::CA_CERT);
-    let wrong_ca = docker(
-        &host,
-        &[
-            "--tlsverify",
-            "--tlscacert",
-            &oca,
-            "--tlscert",
-            &cert,
-            "--tlskey",
-            &key,
-        ],
-    );
+    let wrong_ca = docker(&host, &["--tlsverify", "--tlscacert", &oca, "--tlscert", &cert, "--tlskey", &key]);
     assert!(!wrong_ca.status.success(), "{wrong_ca:?}");
     // Plain HTTP to the TLS port: refused.
     let plain = docker(&host, &[]);
-    assert!(
-        !plain.status.success() && server_version(&plain).is_empty(),
-        "{plain:?}"
-    );
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        served,
-        "a refused client reached dockerd"
-    );
+    assert!(!plain.status.success() && server_version(&plain).is_empty(), "{plain:?}");
+    assert_eq!(hits.load(Ordering::SeqCst), served, "a refused client reached dockerd");
 }
 
 #[test]
@@ -222,17 +148,10 @@ fn docker_cli_over_tls_without_client_auth_and_plain_tcp() {
     let tmp = tempfile::tempdir().unwrap();
     let (target, _) = fake_dockerd(tmp.path());
     let dir = tmp.path().join("certs");
-    let mut tls = TcpApi::tls(TlsSettings {
-        certs_dir: dir.clone(),
-        verify: false,
-        extra_sans: vec![],
-    });
+    let mut tls = TcpApi::tls(TlsSettings { certs_dir: dir.clone(), verify: false, extra_sans: vec![] });
     tls.listen = "127.0.0.1:0".parse().unwrap();
     let addr = api::serve(&tls, target.clone()).unwrap();
-    let out = docker(
-        &format!("tcp://127.0.0.1:{}", addr.port()),
-        &["--tlsverify", "--tlscacert", &certs(&dir, api::CA_CERT)],
-    );
+    let out = docker(&format!("tcp://127.0.0.1:{}", addr.port()), &["--tlsverify", "--tlscacert", &certs(&dir, api::CA_CERT)]);
     assert_eq!(server_version(&out), FAKE_VERSION, "{out:?}");
 
     let mut plain = TcpApi::plain();
