@@ -17,15 +17,21 @@ pub const AGENT_PATH: &str = "/sbin/dinv-agent";
 /// dockerd's API socket, the target of the vsock proxy.
 pub const DOCKER_SOCK: &str = "/run/docker.sock";
 
+/// The system directories every daemon searches, as a literal (for `concat!`).
+macro_rules! system_path {
+    () => {
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    };
+}
+
 /// PATH of containerd (and so of shims and runc).
-pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const PATH: &str = system_path!();
 /// PATH of dockerd: [`PATH`] behind `/usr/libexec/dinv/dockerd-path`, whose `runc` answers
 /// `--version` from the value recorded when the image was built and execs the real runc for
 /// everything else (guest-image/rootfs/build.sh). dockerd execs `runc --version` for every
 /// `/version` and `/info` request: a Go program start, ~20 s of guest CPU on PVM, so 50
 /// concurrent `docker version` calls cost over 15 minutes; the recorded answer costs a `sh`.
-pub const DOCKERD_PATH: &str =
-    "/usr/libexec/dinv/dockerd-path:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DOCKERD_PATH: &str = concat!("/usr/libexec/dinv/dockerd-path:", system_path!());
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
