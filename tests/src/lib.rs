@@ -212,3 +212,12 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `N` distinct TCP ports that were free on 127.0.0.1 a moment ago. All `N` listeners are held
+/// until every port is picked: ports taken one at a time can repeat (the kernel may hand the
+/// same ephemeral port out again once its listener is closed).
+pub fn free_tcp_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port")).collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("local address").port())
+}

@@ -74,6 +74,8 @@ fn every_invalid_value_is_one_line_naming_the_option_and_exit_2() {
         (&[], &["--tcp-listen", "127.0.0.1:2375"], "--tcp-listen"),
         (&[], &["--tcp-listen", "nowhere"], "--tcp-listen"),
         (&[], &["--local", "--tlsverify"], "--local"),
+        (&[("DINV_TCP_PORTS", "2376")], &["--tlsverify"], "DINV_TCP_PORTS"),
+        (&[("DINV_TCP_PORTS", "9000:80")], &["--tcp", "--tcp-listen", "127.0.0.1:9000"], "DINV_TCP_PORTS"),
         (&[("DINV_KERNEL", "/nonexistent-dinv-kernel")], &[], "kernel"),
         (&[("DINV_ROOTFS", "/nonexistent-dinv-rootfs")], &[], "root filesystem"),
     ];

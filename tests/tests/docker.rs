@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dinv_tests::docker::{busybox_tarball, start, DOCKER_CALL_TIMEOUT};
-use dinv_tests::{require_kvm, run_ok};
+use dinv_tests::{free_tcp_ports, require_kvm, run_ok};
 
 
 /// An HTTP/1.0 server on 127.0.0.1 answering every request with `body`; returns its port and
@@ -75,12 +75,11 @@ fn docker_cli_drives_dockerd_in_the_guest() {
     std::fs::write(ro_share.join("ro.txt"), "read-only-share\n").unwrap();
     // An HTTP server on the host's loopback, for the gateway's host-loopback alias.
     let (loopback_port, loopback_hits) = serve_http_once_per_request("host-loopback-ok");
-    // A free host port to forward to the guest's 8080.
-    let fwd_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Free host ports: one forwarded to the guest's 8080, one for the docker API over TLS.
+    let [fwd_port, tls_port] = free_tcp_ports();
     let mounts = format!("{}:/data;{}:/ro:ro", share.display(), ro_share.display());
     let tcp_ports = format!("{fwd_port}:8080");
-    // The docker API over TLS with client verification, on a free loopback port.
-    let tls_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // The docker API over TLS with client verification, on its free loopback port.
     let tls_listen = format!("127.0.0.1:{tls_port}");
     let certs = dir.path().join("certs");
     let volume_img = dir.path().join("volume.img");

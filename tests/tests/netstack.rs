@@ -273,11 +273,8 @@ impl Env {
 }
 
 fn free_port_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let [port] = dinv_tests::free_tcp_ports();
+    port
 }
 
 fn free_port_udp() -> u16 {

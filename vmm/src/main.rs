@@ -340,6 +340,16 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     network.tcp_forwards = netstack::parse_port_list(&args.tcp_ports).context("DINV_TCP_PORTS")?;
     network.udp_forwards = netstack::parse_port_list(&args.udp_ports).context("DINV_UDP_PORTS")?;
     let tcp_api = args.tcp_api()?;
+    if let Some(api) = &tcp_api {
+        // Forwards listen on every address, so any API address with the same port collides.
+        if let Some(f) = network.tcp_forwards.iter().find(|f| f.host_port == api.listen.port()) {
+            anyhow::bail!(
+                "DINV_TCP_PORTS: host port {} is also the docker API's port ({}; see --tcp-listen)",
+                f.host_port,
+                api.listen
+            );
+        }
+    }
     let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if args.cpus == 0 || usize::from(args.cpus) > host_cpus {
         anyhow::bail!("DINV_CPUS={}: must be between 1 and this host's {host_cpus} CPUs", args.cpus);
@@ -403,6 +413,22 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The error and its causes on one line, each cause left out when the message before it already
+/// says it (several of our error types print their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = if cli.daemon.debug && cli.log_level == "info" { "debug" } else { cli.log_level.as_str() };
@@ -419,7 +445,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("dinv: {e:#}");
+            eprintln!("dinv: {}", one_line(&e));
             ExitCode::from(2)
         }
     }
