@@ -15,6 +15,27 @@ pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
 /// to emulate, and fails.
 pub const FETCH_FROM_NOWHERE: &[u8] = &[0xb8, 0x00, 0x00, 0x00, 0xf0, 0xff, 0xe0];
 
+/// 64-bit code, interrupts off, forever: writes the alphabet to COM1 over and over, the letter
+/// chosen from a counter in `rbx` (`'a' + rbx % 26`), a newline after every 64 letters. Any
+/// lost register or instruction shows as a break in the sequence.
+pub const ALPHABET_FOREVER: &[u8] = &[
+    0x31, 0xdb, // xor ebx, ebx
+    0x89, 0xd8, // loop: mov eax, ebx
+    0x31, 0xd2, // xor edx, edx
+    0xb9, 0x1a, 0x00, 0x00, 0x00, // mov ecx, 26
+    0xf7, 0xf1, // div ecx
+    0x8d, 0x42, 0x61, // lea eax, [rdx + 'a']
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xee, // out dx, al
+    0xff, 0xc3, // inc ebx
+    0x89, 0xd8, // mov eax, ebx
+    0x83, 0xe0, 0x3f, // and eax, 63
+    0x75, 0xe4, // jnz loop
+    0xb0, 0x0a, // mov al, '\n'
+    0xee, // out dx, al
+    0xeb, 0xdf, // jmp loop
+];
+
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;

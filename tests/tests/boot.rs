@@ -109,3 +109,35 @@ fn emulation_failure_exits_non_zero_with_rip_and_instruction_bytes() {
     assert!(out.contains("KVM_EXIT_INTERNAL_ERROR"), "{out}");
     assert!(out.contains("RIP 0x00000000f0000000"), "{out}");
 }
+
+#[test]
+fn guest_relocated_into_a_fresh_kvm_vm_continues_where_it_stopped() {
+    // The snapshot path's core: pause the vCPU, capture its KVM state (registers, FPU, LAPIC,
+    // MSRs, events) and the irqchip/PIT/clock, restore all of it into a new KVM VM and go on.
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = dir.path().join("payload.elf");
+    std::fs::write(&elf, payload::elf(payload::ALPHABET_FOREVER, false)).unwrap();
+    let mut vm = Running::spawn([
+        "boot".as_ref(),
+        "--kernel".as_ref(),
+        elf.as_os_str(),
+        "--memory".as_ref(),
+        "64M".as_ref(),
+        "--relocate-after".as_ref(),
+        "0.5".as_ref(),
+    ]);
+    vm.wait_for("guest moved into a fresh KVM VM", Duration::from_secs(60));
+    // Lines written after the move.
+    let moved_at = vm.transcript.len();
+    while vm.transcript.len() < moved_at + 200 {
+        vm.wait_for("", Duration::from_secs(60));
+    }
+    vm.kill();
+    let console: Vec<&String> = vm.transcript.iter().filter(|l| !l.starts_with("[dinv] ")).collect();
+    assert!(console.len() > 200, "{}", vm.tail());
+    for (n, line) in console.iter().enumerate().take(console.len() - 1) {
+        let want: String = (0..64).map(|i| char::from(b'a' + ((n * 64 + i) % 26) as u8)).collect();
+        assert_eq!(line.as_str(), want, "console line {n} breaks the sequence\n{}", vm.tail());
+    }
+}

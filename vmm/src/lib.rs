@@ -23,6 +23,7 @@ pub mod fault;
 pub mod profile;
 pub mod pvm;
 pub mod size;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
@@ -119,6 +120,9 @@ pub enum Error {
     /// A vCPU thread could not be started.
     #[error("Cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    /// Machine state could not be captured or restored.
+    #[error("Machine state: {0}")]
+    State(#[from] snapshot::StateError),
 }
 
 /// Result alias for this crate.

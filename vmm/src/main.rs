@@ -237,6 +237,10 @@ struct BootArgs {
     /// (repeatable).
     #[arg(long = "share", value_name = "TAG=PATH[,ro]")]
     shares: Vec<String>,
+    /// Debugging snapshots: after SECS seconds, capture the guest's KVM state and continue in a
+    /// fresh KVM VM restored from it.
+    #[arg(long, value_name = "SECS", hide = true)]
+    relocate_after: Option<f64>,
     /// Attach virtio-net backed by the user-mode netstack on this subnet (guest .15, gateway
     /// .1, DNS .3, host loopback .2), e.g. 10.234.0.0/24. The guest configures its own address.
     #[arg(long, value_name = "SUBNET")]
@@ -303,6 +307,10 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         });
     if let Some(path) = &args.guest_profile {
         builder = builder.guest_profile(path);
+    }
+    if let Some(secs) = args.relocate_after {
+        let after = std::time::Duration::try_from_secs_f64(secs).map_err(|e| anyhow::anyhow!("--relocate-after: {e}"))?;
+        builder = builder.relocate_after(after);
     }
     for spec in &args.disks {
         builder = builder.disk(disk(spec).map_err(anyhow::Error::msg)?);

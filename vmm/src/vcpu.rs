@@ -33,6 +33,8 @@ pub struct ExitState {
     pub reason: Mutex<Option<VmExit>>,
     /// Set when vCPUs must stop.
     pub stop: AtomicBool,
+    /// Set when vCPUs must leave their threads with their state intact (a snapshot).
+    pub pause: AtomicBool,
 }
 
 impl ExitState {
@@ -42,6 +44,7 @@ impl ExitState {
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             reason: Mutex::new(None),
             stop: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
         })
     }
 
@@ -63,6 +66,8 @@ impl ExitState {
 /// What a `KVM_RUN` exit means for the loop.
 enum Step {
     Continue,
+    /// `KVM_RUN` returned `EINTR`: a kick (stop, pause, profiler sample) or `immediate_exit`.
+    Interrupted,
     Exit(VmExit),
 }
 
@@ -89,10 +94,35 @@ impl std::fmt::Debug for Vcpu {
 }
 
 impl Vcpu {
-    /// Runs until the guest ends or the VMM stops the vCPU.
-    pub fn run(mut self) {
-        while !self.exit.stop.load(Ordering::SeqCst) {
+    /// Runs until the guest ends, the VMM stops the vCPU, or the VMM pauses it; returns the
+    /// vCPU, whose state is complete (no exit left half-handled) when it was paused.
+    pub fn run(mut self) -> VcpuFd {
+        while !self.exit.stop.load(Ordering::SeqCst) && !self.exit.pause.load(Ordering::SeqCst) {
             match self.step() {
+                Step::Continue | Step::Interrupted => {}
+                Step::Exit(exit) => {
+                    self.exit.finish(exit);
+                    break;
+                }
+            }
+        }
+        if self.exit.pause.load(Ordering::SeqCst) && !self.exit.stop.load(Ordering::SeqCst) {
+            self.complete_pending_exit();
+        }
+        tracing::debug!("vcpu{} left its thread", self.id);
+        self.fd
+    }
+
+    /// Lets KVM finish the instruction behind the last MMIO/PIO exit (its data is in `kvm_run`,
+    /// which a restored vCPU would not have): `KVM_RUN` with `immediate_exit` completes it and
+    /// returns `EINTR` without entering the guest.
+    fn complete_pending_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        for _ in 0..8 {
+            match self.step() {
+                Step::Interrupted => break,
+                // An exit that was already on its way out (a string I/O instruction's next
+                // round) is handled like any other.
                 Step::Continue => {}
                 Step::Exit(exit) => {
                     self.exit.finish(exit);
@@ -100,7 +130,7 @@ impl Vcpu {
                 }
             }
         }
-        tracing::debug!("vcpu{} stopped", self.id);
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     fn fault(&self, what: String) -> Step {
@@ -158,7 +188,7 @@ impl Vcpu {
                 if let Some(profile) = &self.profile {
                     profile.sample(&self.fd);
                 }
-                return Step::Continue;
+                return Step::Interrupted;
             }
             Err(e) => Err(format!("KVM_RUN failed: {e}")),
         };

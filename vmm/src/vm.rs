@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_device::device_manager::IoManager;
 use vm_device::resources::Resource;
@@ -72,6 +72,7 @@ pub struct VmBuilder {
     entry: EntryPreference,
     pvm: PvmMode,
     profile: Option<PathBuf>,
+    relocate_after: Option<Duration>,
 }
 
 impl Default for VmBuilder {
@@ -89,6 +90,7 @@ impl Default for VmBuilder {
             entry: EntryPreference::default(),
             pvm: PvmMode::Auto,
             profile: None,
+            relocate_after: None,
         }
     }
 }
@@ -167,6 +169,14 @@ impl VmBuilder {
         self
     }
 
+    /// Debugging the snapshot path: after `after`, pause the guest, capture its KVM state and
+    /// go on in a fresh KVM VM restored from it (same memory and devices). A guest that keeps
+    /// running normally proves that this host's KVM restores everything the guest relies on.
+    pub fn relocate_after(mut self, after: Duration) -> Self {
+        self.relocate_after = Some(after);
+        self
+    }
+
     /// Creates the VM, loads the kernel and wires the devices. Nothing runs yet.
     pub fn build(self) -> Result<Vm> {
         Vm::new(self)
@@ -214,10 +224,88 @@ impl MutEventSubscriber for ExitWatcher {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// How the devices' eventfds are tied to a KVM VM: irqfds (a device raises a guest interrupt
+/// line) and ioeventfds (a guest queue notification wakes a device). Kept so that a fresh KVM
+/// VM (a restore) is wired exactly like the first.
+#[derive(Debug, Default)]
+struct Wiring {
+    irqfds: Vec<(EventFd, u32)>,
+    ioevents: Vec<(EventFd, u64, u32)>,
+}
+
+impl Wiring {
+    fn irqfd(&mut self, vm: &VmFd, evt: &EventFd, gsi: u32) -> Result<()> {
+        vm.register_irqfd(evt, gsi).map_err(Error::Kvm)?;
+        self.irqfds.push((evt.try_clone().map_err(Error::EventFd)?, gsi));
+        Ok(())
+    }
+
+    fn ioevent(&mut self, vm: &VmFd, evt: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
+        vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch).map_err(Error::Kvm)?;
+        self.ioevents.push((evt.try_clone().map_err(Error::EventFd)?, addr, datamatch));
+        Ok(())
+    }
+
+    /// Registers everything on `vm`, a fresh VM.
+    fn apply(&self, vm: &VmFd) -> Result<()> {
+        for (evt, gsi) in &self.irqfds {
+            vm.register_irqfd(evt, *gsi).map_err(Error::Kvm)?;
+        }
+        for (evt, addr, datamatch) in &self.ioevents {
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(*addr), *datamatch).map_err(Error::Kvm)?;
+        }
+        Ok(())
+    }
+}
+
+/// A KVM VM over `mem` with the in-kernel irqchip and PIT; no vCPUs, no devices yet.
+fn create_machine(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd> {
+    let vm = kvm.create_vm().map_err(Error::Kvm)?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping belongs to `mem`, which `Vm` keeps alive for as long as the
+        // VM fd exists, and slots do not overlap.
+        unsafe { vm.set_user_memory_region(region) }.map_err(Error::Kvm)?;
+    }
+    if let Err(e) = vm.set_tss_address(KVM_TSS_ADDRESS) {
+        tracing::debug!("KVM_SET_TSS_ADDR: {e} (not needed on this host)");
+    }
+    vm.create_irq_chip().map_err(Error::Kvm)?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(Error::Kvm)?;
+    Ok(vm)
+}
+
+/// vCPU `id` of `count`, with its CPUID set (the rest of its state is the caller's).
+fn create_vcpu(vm: &VmFd, supported: &CpuId, id: u8, count: u8) -> Result<VcpuFd> {
+    let vcpu = vm.create_vcpu(u64::from(id)).map_err(Error::Kvm)?;
+    let mut cpuid = supported.clone();
+    boot::cpu::filter_cpuid(&mut cpuid, id, count);
+    vcpu.set_cpuid2(&cpuid).map_err(Error::Kvm)?;
+    Ok(vcpu)
+}
+
 /// A built VM, ready to [`run`](Vm::run).
 pub struct Vm {
-    _kvm: Kvm,
-    _vm: VmFd,
+    kvm: Kvm,
+    /// `None` only while a relocation replaces it.
+    vm: Option<VmFd>,
+    wiring: Wiring,
+    cpuid: CpuId,
+    vcpu_count: u8,
+    relocate_after: Option<Duration>,
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     io: Arc<IoManager>,
@@ -266,11 +354,9 @@ impl Vm {
         }
 
         let kvm = Kvm::new().map_err(Error::Kvm)?;
-        let vm = kvm.create_vm().map_err(Error::Kvm)?;
-
         let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(cfg.memory)?)
             .map_err(|e| Error::Memory(e.to_string()))?;
-        for (slot, region) in mem.iter().enumerate() {
+        for region in mem.iter() {
             let host = mem
                 .get_host_address(region.start_addr())
                 .map_err(|e| Error::Memory(e.to_string()))?;
@@ -284,26 +370,9 @@ impl Vm {
             if ret != 0 {
                 tracing::debug!("MADV_HUGEPAGE: {}", std::io::Error::last_os_error());
             }
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: the mapping belongs to `mem`, which `Vm` keeps alive for as long as the
-            // VM fd exists, and slots do not overlap.
-            unsafe { vm.set_user_memory_region(region) }.map_err(Error::Kvm)?;
         }
-        if let Err(e) = vm.set_tss_address(KVM_TSS_ADDRESS) {
-            tracing::debug!("KVM_SET_TSS_ADDR: {e} (not needed on this host)");
-        }
-        vm.create_irq_chip().map_err(Error::Kvm)?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(Error::Kvm)?;
+        let vm = create_machine(&kvm, &mem)?;
+        let mut wiring = Wiring::default();
 
         let exit = Arc::new(ExitState::new().map_err(Error::EventFd)?);
         let panicked = Arc::new(AtomicBool::new(false));
@@ -312,7 +381,7 @@ impl Vm {
 
         // Legacy devices: COM1 and the i8042 reset line.
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(Error::Kvm)?;
+        wiring.irqfd(&vm, &serial_irq, COM1_IRQ)?;
         let console = ConsoleWriter::open(cfg.console, panicked.clone()).map_err(Error::Console)?;
         let serial = SerialDevice::new(EventFdTrigger::new(serial_irq), console);
         io.register_pio_resources(
@@ -358,10 +427,9 @@ impl Vm {
             let irq = layout::virtio_irq(index).ok_or(Error::TooManyDevices)?;
             let transport = MmioTransport::new(mem.clone(), device)
                 .map_err(|e| Error::Device(format!("virtio-mmio: {e}")))?;
-            vm.register_irqfd(transport.interrupt_evt(), irq).map_err(Error::Kvm)?;
+            wiring.irqfd(&vm, transport.interrupt_evt(), irq)?;
             for (queue, evt) in transport.queue_evts().iter().enumerate() {
-                vm.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), queue as u32)
-                    .map_err(Error::Kvm)?;
+                wiring.ioevent(&vm, evt, base + NOTIFY_REG_OFFSET, queue as u32)?;
             }
             let transport = Arc::new(Mutex::new(transport));
             io.register_mmio_resources(
@@ -400,10 +468,7 @@ impl Vm {
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Kvm)?;
         let mut vcpus = Vec::with_capacity(vcpu_count as usize);
         for id in 0..vcpu_count {
-            let vcpu = vm.create_vcpu(u64::from(id)).map_err(Error::Kvm)?;
-            let mut cpuid = supported.clone();
-            boot::cpu::filter_cpuid(&mut cpuid, id, vcpu_count);
-            vcpu.set_cpuid2(&cpuid).map_err(Error::Kvm)?;
+            let vcpu = create_vcpu(&vm, &supported, id, vcpu_count)?;
             let entries = boot::cpu::boot_msrs();
             let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Device(format!("MSRs: {e:?}")))?;
             match vcpu.set_msrs(&msrs) {
@@ -426,8 +491,12 @@ impl Vm {
         }
 
         Ok(Vm {
-            _kvm: kvm,
-            _vm: vm,
+            kvm,
+            vm: Some(vm),
+            wiring,
+            cpuid: supported,
+            vcpu_count,
+            relocate_after: cfg.relocate_after,
             mem,
             vcpus,
             io: Arc::new(io),
@@ -445,32 +514,8 @@ impl Vm {
         vmm_sys_util::signal::register_signal_handler(vcpu_kick_signal(), noop)
             .map_err(|e| Error::Signal(e.to_string()))?;
 
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for (id, fd) in self.vcpus.drain(..).enumerate() {
-            let vcpu = Vcpu {
-                id: id as u8,
-                fd,
-                io: self.io.clone(),
-                mem: self.mem.clone(),
-                exit: self.exit.clone(),
-                profile: self.profile.as_ref().map(|(_, p)| p.clone()),
-            };
-            let exit = self.exit.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    // A vCPU thread that dies must end the VM, not leave it hung.
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run())).is_err() {
-                        exit.finish(VmExit::Fault {
-                            vcpu: id as u8,
-                            reason: "vCPU thread panicked".into(),
-                            detail: String::new(),
-                        });
-                    }
-                })
-                .map_err(Error::Thread)?;
-            threads.push(thread);
-        }
+        let fds: Vec<VcpuFd> = self.vcpus.drain(..).collect();
+        let mut threads = self.spawn_vcpus(fds)?;
 
         let sampler_stop = Arc::new(AtomicBool::new(false));
         let sampler = match &self.profile {
@@ -484,9 +529,22 @@ impl Vm {
             None => None,
         };
 
+        let started = Instant::now();
+        let mut relocate_after = self.relocate_after.take();
         while !self.exit.stop.load(Ordering::SeqCst) {
             if let Err(e) = self.events.run_with_timeout(100) {
                 tracing::error!("device event loop: {e:?}");
+            }
+            if relocate_after.is_some_and(|after| started.elapsed() >= after) {
+                relocate_after = None;
+                match self.relocate(&mut threads) {
+                    Ok(took) => tracing::info!("guest moved into a fresh KVM VM from its captured state in {took:?}"),
+                    Err(e) => self.exit.finish(VmExit::Fault {
+                        vcpu: 0,
+                        reason: "relocation into a fresh KVM VM failed".into(),
+                        detail: e.to_string(),
+                    }),
+                }
             }
         }
         sampler_stop.store(true, Ordering::SeqCst);
@@ -494,22 +552,7 @@ impl Vm {
             let _ = sampler.join();
         }
 
-        // Kick vCPUs until every thread has left KVM_RUN (a kick can race with entry, so
-        // repeat it), then join them.
-        let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
-        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-            for t in threads.iter().filter(|t| !t.is_finished()) {
-                let _ = t.kill(vcpu_kick_signal());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for t in threads {
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
-                tracing::warn!("a vCPU thread did not stop in time; leaving it behind");
-            }
-        }
+        drop(join_vcpus(threads));
 
         if let Some((path, profile)) = &self.profile {
             match profile.write(path) {
@@ -531,8 +574,104 @@ impl Vm {
         })
     }
 
+    fn spawn_vcpus(&self, fds: Vec<VcpuFd>) -> Result<Vec<JoinHandle<Option<VcpuFd>>>> {
+        let mut threads = Vec::with_capacity(fds.len());
+        for (id, fd) in fds.into_iter().enumerate() {
+            let vcpu = Vcpu {
+                id: id as u8,
+                fd,
+                io: self.io.clone(),
+                mem: self.mem.clone(),
+                exit: self.exit.clone(),
+                profile: self.profile.as_ref().map(|(_, p)| p.clone()),
+            };
+            let exit = self.exit.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    // A vCPU thread that dies must end the VM, not leave it hung.
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run())) {
+                        Ok(fd) => Some(fd),
+                        Err(_) => {
+                            exit.finish(VmExit::Fault {
+                                vcpu: id as u8,
+                                reason: "vCPU thread panicked".into(),
+                                detail: String::new(),
+                            });
+                            None
+                        }
+                    }
+                })
+                .map_err(Error::Thread)?;
+            threads.push(thread);
+        }
+        Ok(threads)
+    }
+
+    /// Pauses every vCPU, captures the KVM state, and continues in a fresh KVM VM restored
+    /// from it (see [`VmBuilder::relocate_after`]); returns how long the guest stood still.
+    fn relocate(&mut self, threads: &mut Vec<JoinHandle<Option<VcpuFd>>>) -> Result<Duration> {
+        let start = Instant::now();
+        self.exit.pause.store(true, Ordering::SeqCst);
+        let fds = join_vcpus(std::mem::take(threads));
+        self.exit.pause.store(false, Ordering::SeqCst);
+        if fds.len() != usize::from(self.vcpu_count) || self.exit.stop.load(Ordering::SeqCst) {
+            return Err(Error::Config("the guest ended while it was being paused".into()));
+        }
+        let msrs = crate::snapshot::msr_indices(&self.kvm)?;
+        let states = fds
+            .iter()
+            .map(|fd| crate::snapshot::VcpuState::capture(fd, &msrs))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let old = self.vm.take().ok_or_else(|| Error::Config("no KVM VM to capture".into()))?;
+        let machine = crate::snapshot::VmState::capture(&old)?;
+        tracing::info!(
+            "captured {} vCPU(s) ({} MSRs each, RIP {:#x}) and the irqchip/PIT/clock",
+            states.len(),
+            states[0].msrs.len(),
+            states[0].regs.rip
+        );
+        // Some hosts (PVM) allow one VM per process: the old one goes first.
+        drop(fds);
+        drop(old);
+        let vm = create_machine(&self.kvm, &self.mem)?;
+        self.wiring.apply(&vm)?;
+        machine.restore(&vm)?;
+        let count = states.len() as u8;
+        let mut fds = Vec::with_capacity(states.len());
+        for (id, state) in states.iter().enumerate() {
+            let fd = create_vcpu(&vm, &self.cpuid, id as u8, count)?;
+            state.restore(&fd)?;
+            fds.push(fd);
+        }
+        self.vm = Some(vm);
+        *threads = self.spawn_vcpus(fds)?;
+        Ok(start.elapsed())
+    }
+
     /// Guest memory (for embedding programs and tests).
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
     }
+}
+
+/// Kicks vCPU threads until every one has left `KVM_RUN` (a kick can race with entry, so it is
+/// repeated), then joins them; returns the vCPUs of the threads that ended in time.
+fn join_vcpus(threads: Vec<JoinHandle<Option<VcpuFd>>>) -> Vec<VcpuFd> {
+    let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            let _ = t.kill(vcpu_kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut fds = Vec::with_capacity(threads.len());
+    for t in threads {
+        if t.is_finished() {
+            fds.extend(t.join().ok().flatten());
+        } else {
+            tracing::warn!("a vCPU thread did not stop in time; leaving it behind");
+        }
+    }
+    fds
 }
