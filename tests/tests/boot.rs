@@ -20,7 +20,7 @@ fn mkfs(path: &Path, size: &str) {
 }
 
 #[test]
-fn guest_boots_writes_its_second_disk_and_powers_off() {
+fn guest_boots_moves_into_a_fresh_vm_writes_its_second_disk_and_powers_off() {
     require_kvm();
     let kernel = artifact("DINV_KERNEL");
     let rootfs = artifact("DINV_TEST_ROOTFS");
@@ -46,6 +46,10 @@ fn guest_boots_writes_its_second_disk_and_powers_off() {
         data.as_os_str(),
         "--cmdline".as_ref(),
         format!("root=/dev/vda ro init=/init dinv.token={token}").as_ref(),
+        // Midway (PVM: during the kernel's boot) the guest is paused and moved into a fresh
+        // KVM VM restored from its captured state: everything after that must still work.
+        "--relocate-after".as_ref(),
+        "6".as_ref(),
     ]);
     vm.wait_for("DINV-TEST-INIT-OK", BOOT_TIMEOUT);
     let time_to_init = vm.elapsed();
@@ -58,6 +62,7 @@ fn guest_boots_writes_its_second_disk_and_powers_off() {
     let status = vm.wait_exit(STEP_TIMEOUT);
     assert!(status.success(), "dinv exited {status} after guest poweroff\n{}", vm.tail());
     assert!(vm.lines_with("DINV-TEST-FAIL").is_empty(), "{}", vm.tail());
+    assert!(!vm.lines_with("guest moved into a fresh KVM VM").is_empty(), "no relocation\n{}", vm.tail());
     if Path::new("/sys/module/kvm_pvm").exists() {
         assert!(!vm.lines_with("PVM detected").is_empty(), "PVM profile not applied\n{}", vm.tail());
     }

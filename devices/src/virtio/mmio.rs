@@ -27,7 +27,8 @@ use std::sync::Arc;
 
 use tracing::{debug, error, warn};
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
 use vm_memory::GuestMemoryMmap;
@@ -77,9 +78,105 @@ pub enum MmioError {
     /// At `DRIVER_OK`, a queue's state could not be handed over.
     #[error("Queue {0} state rejected: {1}")]
     QueueState(usize, #[source] virtio_queue::Error),
+    /// A snapshot does not fit this transport's device.
+    #[error("Snapshot of device type {found} with {found_queues} queues does not fit device type {expected} with {expected_queues}")]
+    SnapshotMismatch {
+        /// This device's type.
+        expected: u32,
+        /// This device's queue count.
+        expected_queues: usize,
+        /// The snapshot's device type.
+        found: u32,
+        /// The snapshot's queue count.
+        found_queues: usize,
+    },
     /// The device refused activation.
     #[error("Device activation failed: {0}")]
     Activate(#[source] super::ActivateError),
+}
+
+/// One virtqueue's configuration and ring positions, as saved in a snapshot
+/// (`virtio_queue::QueueState` with serde).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Maximum size offered by the device.
+    pub max_size: u16,
+    /// Next available-ring entry the device will read.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will write.
+    pub next_used: u16,
+    /// `VIRTIO_F_RING_EVENT_IDX` in use.
+    pub event_idx_enabled: bool,
+    /// Size the driver chose.
+    pub size: u16,
+    /// The driver finished configuring it.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A transport's registers and queues, as saved in a snapshot. Restoring it onto a fresh
+/// transport of the same device type re-activates the device where the driver left it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioSnapshot {
+    /// The device's virtio ID (checked on restore).
+    pub device_type: u32,
+    /// `Status`.
+    pub device_status: u32,
+    /// `DeviceFeaturesSel`.
+    pub device_features_sel: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// `QueueSel`.
+    pub queue_sel: u32,
+    /// `ConfigGeneration`.
+    pub config_generation: u32,
+    /// `SHMSel`.
+    pub shm_sel: u32,
+    /// `InterruptStatus`.
+    pub interrupt_status: u32,
+    /// Whether the device was active.
+    pub activated: bool,
+    /// Every queue, in order.
+    pub queues: Vec<QueueSnapshot>,
 }
 
 /// The virtio-mmio register window of one device.
@@ -175,6 +272,68 @@ impl MmioTransport {
     /// Whether the device has been activated since the last reset.
     pub fn is_activated(&self) -> bool {
         self.activated
+    }
+
+    /// The registers and queues, for a snapshot (the guest must not be running).
+    pub fn snapshot(&self) -> MmioSnapshot {
+        MmioSnapshot {
+            device_type: lock(&self.device).device_type(),
+            device_status: self.device_status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            shm_sel: self.shm_sel,
+            interrupt_status: self.interrupt.status().load(Ordering::SeqCst),
+            activated: self.activated,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+        }
+    }
+
+    /// Puts a fresh transport where `snap` left its driver: registers, queues (validated like
+    /// the driver's own writes), the device's acked features, and, if it was active, the device
+    /// re-activated with the saved ring positions and told it was restored
+    /// ([`super::VirtioDevice::restored`]). A pending interrupt is raised again.
+    pub fn restore(&mut self, snap: &MmioSnapshot) -> Result<(), MmioError> {
+        let device_type = lock(&self.device).device_type();
+        if snap.device_type != device_type
+            || snap.queues.len() != self.queues.len()
+            || snap.queues.iter().zip(&self.queues).any(|(s, q)| s.max_size != q.max_size())
+        {
+            return Err(MmioError::SnapshotMismatch {
+                expected: device_type,
+                expected_queues: self.queues.len(),
+                found: snap.device_type,
+                found_queues: snap.queues.len(),
+            });
+        }
+        let queues = snap
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| Queue::try_from(QueueState::from(*q)).map_err(|e| MmioError::QueueState(i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues = queues;
+        self.device_status = snap.device_status;
+        self.device_features_sel = snap.device_features_sel;
+        self.driver_features_sel = snap.driver_features_sel;
+        self.driver_features = snap.driver_features;
+        self.queue_sel = snap.queue_sel;
+        self.config_generation = snap.config_generation;
+        self.shm_sel = snap.shm_sel;
+        self.interrupt.status().store(snap.interrupt_status, Ordering::SeqCst);
+        if self.device_status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            lock(&self.device).ack_features(self.driver_features);
+        }
+        if snap.activated {
+            self.activate()?;
+            lock(&self.device).restored();
+        }
+        if snap.interrupt_status != 0 {
+            self.interrupt.eventfd().write(1).map_err(MmioError::Interrupt)?;
+        }
+        Ok(())
     }
 
     fn offered_features(&self) -> u64 {

@@ -193,6 +193,11 @@ pub trait VirtioDevice {
 
     /// One EventFd per queue, signalled when the driver notifies that queue.
     fn queue_events(&self) -> &[EventFd];
+
+    /// The device was just re-activated from a snapshot: the driver's state (in guest memory)
+    /// is as it was, the device's host-side state is new. Devices whose host side holds
+    /// connections tell the driver here (virtio-vsock: a transport reset event).
+    fn restored(&mut self) {}
 }
 
 /// A device shared between its transport (vCPU threads) and the event loop.

@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     FdOp, RxBuffer, TxPacket, UnixMuxer, VsockBackend, VsockConfig, VsockError, VsockMetrics,
-    EVENT_QUEUE, HOST_CID, MAX_PKT_LEN, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, TYPE_STREAM,
+    EVENT_QUEUE, EVENT_TRANSPORT_RESET, HOST_CID, MAX_PKT_LEN, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, TYPE_STREAM,
 };
 use crate::virtio::device_common::{notify_queue, read_config, DeviceState, ACTIVATE_TOKEN};
 use crate::virtio::{
@@ -45,6 +45,8 @@ pub struct Vsock<B: VsockBackend = UnixMuxer> {
     active: Option<ActivationContext>,
     backend_active: bool,
     reset_pending: bool,
+    /// Restored from a snapshot: the driver must hear that its connections are gone.
+    transport_reset_pending: bool,
     tx_stalled: bool,
     rx_scratch: Vec<u8>,
     fd_ops: Vec<FdOp>,
@@ -86,6 +88,7 @@ impl<B: VsockBackend> Vsock<B> {
             active: None,
             backend_active: false,
             reset_pending: false,
+            transport_reset_pending: false,
             tx_stalled: false,
             rx_scratch: vec![0u8; MAX_PKT_LEN as usize],
             fd_ops: Vec::new(),
@@ -287,8 +290,61 @@ impl<B: VsockBackend> Vsock<B> {
         }
     }
 
-    /// Drain the event queue's notification; nothing is ever posted to it.
-    fn process_event_queue(&mut self) {}
+    /// The driver added event buffers: post a pending transport reset.
+    fn process_event_queue(&mut self) {
+        self.post_transport_reset();
+    }
+
+    /// Posts `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` into the first event buffer, if one is
+    /// pending and the driver has a buffer (otherwise it waits for the next event-queue
+    /// notification).
+    fn post_transport_reset(&mut self) {
+        if !self.transport_reset_pending {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = active.queues.get_mut(EVENT_QUEUE) else {
+            return;
+        };
+        let mem = &active.mem;
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            debug!("virtio-vsock: no event buffer for the transport reset yet");
+            return;
+        };
+        let head = chain.head_index();
+        // struct virtio_vsock_event { le32 id; } in the first device-writable descriptor.
+        let mut used_len = 0;
+        if let Some(desc) = chain.clone().find(|d| d.is_write_only() && d.len() >= 4) {
+            match vm_memory::Bytes::write_obj(mem, EVENT_TRANSPORT_RESET.to_le(), desc.addr()) {
+                Ok(()) => used_len = 4,
+                Err(e) => {
+                    error!("virtio-vsock: cannot write the transport reset event: {e}");
+                    VsockMetrics::inc(&self.metrics.queue_errors);
+                }
+            }
+        } else {
+            debug!(head, "virtio-vsock: event buffer without a 4-byte writable descriptor");
+            VsockMetrics::inc(&self.metrics.invalid_packets);
+        }
+        if let Err(e) = queue.add_used(mem, head, used_len) {
+            error!(head, "virtio-vsock: cannot add used event entry: {e}");
+            VsockMetrics::inc(&self.metrics.queue_errors);
+        }
+        if used_len == 4 {
+            self.transport_reset_pending = false;
+            debug!("virtio-vsock: transport reset posted");
+        }
+        notify_queue(
+            "virtio-vsock",
+            queue,
+            mem,
+            &*active.interrupt,
+            EVENT_QUEUE,
+            (&self.metrics.interrupts, &self.metrics.queue_errors),
+        );
+    }
 
     fn apply_fd_ops(&mut self, ops: &mut EventOps) {
         self.backend.take_fd_ops(&mut self.fd_ops);
@@ -326,6 +382,7 @@ impl<B: VsockBackend> Vsock<B> {
             self.backend.activate();
             self.backend_active = true;
         }
+        self.post_transport_reset();
         // Packets may have been queued before the queue events were registered.
         self.process_tx();
         self.pump(false);
@@ -427,6 +484,11 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.state.queue_evts
+    }
+
+    fn restored(&mut self) {
+        // The backend starts with no connections while the driver still has its sockets.
+        self.transport_reset_pending = true;
     }
 }
 

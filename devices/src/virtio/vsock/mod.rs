@@ -53,8 +53,12 @@ pub const NUM_QUEUES: usize = 3;
 pub const RX_QUEUE: usize = 0;
 /// Index of the transmit queue (driver → device packets).
 pub const TX_QUEUE: usize = 1;
-/// Index of the event queue (§5.10.6.5; this device never posts events).
+/// Index of the event queue (§5.10.6.5; the device posts one event: a transport reset after
+/// a snapshot restore).
 pub const EVENT_QUEUE: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (§5.10.6.5): every connection is gone; the driver
+/// resets its connected sockets and re-reads the guest CID.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Largest descriptor chain accepted, indirect tables included.
 pub const MAX_DESCRIPTORS: usize = 1024;
 
