@@ -268,6 +268,9 @@ pub fn set_lint(lapic: &mut kvm_lapic_state) {
 pub fn filter_cpuid(cpuid: &mut kvm_bindings::CpuId, cpu_id: u8, cpu_count: u8) {
     const LEAF_FEATURES: u32 = 0x1;
     const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+    /// V2 extended topology: like 0xb, EDX is the x2APIC ID of the CPU that runs CPUID (KVM
+    /// reports whichever host CPU answered the ioctl).
+    const LEAF_EXT_TOPOLOGY_V2: u32 = 0x1f;
     const ECX_HYPERVISOR: u32 = 1 << 31;
     const EDX_HTT: u32 = 1 << 28;
     for entry in cpuid.as_mut_slice() {
@@ -281,7 +284,7 @@ pub fn filter_cpuid(cpuid: &mut kvm_bindings::CpuId, cpu_id: u8, cpu_count: u8) 
                     entry.edx |= EDX_HTT;
                 }
             }
-            LEAF_EXT_TOPOLOGY => entry.edx = u32::from(cpu_id),
+            LEAF_EXT_TOPOLOGY | LEAF_EXT_TOPOLOGY_V2 => entry.edx = u32::from(cpu_id),
             _ => {}
         }
     }

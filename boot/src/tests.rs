@@ -88,3 +88,16 @@ fn virtio_windows_and_irqs() {
     assert_eq!(virtio_irq((IRQ_MAX - VIRTIO_IRQ_START) as usize), Some(IRQ_MAX));
     assert_eq!(virtio_irq((IRQ_MAX - VIRTIO_IRQ_START + 1) as usize), None);
 }
+
+#[test]
+fn cpuid_topology_leaves_name_the_vcpu_not_the_host_cpu() {
+    use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+    let entry = |function, edx| kvm_cpuid_entry2 { function, edx, ..Default::default() };
+    // KVM copies EDX (the x2APIC ID) of whichever host CPU answered.
+    let mut cpuid = CpuId::from_entries(&[entry(0x1, 0), entry(0xb, 5), entry(0x1f, 5), entry(0x7, 5)]).unwrap();
+    crate::cpu::filter_cpuid(&mut cpuid, 1, 2);
+    let edx: Vec<(u32, u32)> = cpuid.as_slice().iter().map(|e| (e.function, e.edx)).collect();
+    assert_eq!(edx[1..], [(0xb, 1), (0x1f, 1), (0x7, 5)]);
+    assert_eq!(cpuid.as_slice()[0].ebx >> 24, 1, "initial APIC ID");
+    assert_eq!((cpuid.as_slice()[0].ebx >> 16) & 0xff, 2, "logical processors");
+}

@@ -146,3 +146,62 @@ fn guest_relocated_into_a_fresh_kvm_vm_continues_where_it_stopped() {
         assert_eq!(line.as_str(), want, "console line {n} breaks the sequence\n{}", vm.tail());
     }
 }
+
+#[test]
+fn snapshot_resumes_in_a_new_process_and_finishes_the_guests_work() {
+    // One dinv snapshots the test guest mid-boot (PVM: in the kernel's initcalls) and goes on;
+    // a second dinv resumes that snapshot with a copy of the data disk made at the pause and
+    // must finish the same work: init, the disk test (its token on the copy), power-off.
+    require_kvm();
+    let kernel = artifact("DINV_KERNEL");
+    let rootfs = artifact("DINV_TEST_ROOTFS");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.ext4");
+    mkfs(&data, "64M");
+    let snap = dir.path().join("snap");
+    let token = format!("s{}", std::process::id());
+    let cmdline = format!("root=/dev/vda ro init=/init dinv.token={token}");
+    let root = format!("{},ro", rootfs.display());
+    let machine = |data: &Path| -> Vec<std::ffi::OsString> {
+        ["boot", "--kernel"]
+            .iter()
+            .map(|s| s.into())
+            .chain([kernel.clone().into_os_string()])
+            .chain(["--memory", "128M", "--disk", &root, "--disk"].iter().map(|s| s.into()))
+            .chain([data.as_os_str().to_owned(), "--cmdline".into(), cmdline.clone().into()])
+            .collect()
+    };
+    let mut first = Running::spawn(
+        machine(&data).into_iter().chain(["--snapshot-after".into(), "4".into(), "--snapshot-to".into(), snap.clone().into_os_string()]),
+    );
+    first.wait_for("snapshot written to", BOOT_TIMEOUT);
+    let before = first.transcript.iter().filter(|l| l.contains("DINV-TEST-")).count();
+    first.wait_for("DINV-TEST-DONE", BOOT_TIMEOUT);
+    assert!(first.wait_exit(STEP_TIMEOUT).success(), "{}", first.tail());
+    assert_eq!(before, 0, "the snapshot came after the guest's init: too late to test anything\n{}", first.tail());
+
+    let copy = dir.path().join("data-copy.ext4");
+    let mut second = Running::spawn(machine(&copy).into_iter().chain(["--restore".into(), snap.into_os_string()]));
+    second.wait_for("resumed the snapshot", STEP_TIMEOUT);
+    second.wait_for("DINV-TEST-INIT-OK", BOOT_TIMEOUT);
+    let blk = second.wait_for("DINV-TEST-BLK-", STEP_TIMEOUT);
+    assert!(blk.contains(&format!("DINV-TEST-BLK-OK {token}")), "{blk}\n{}", second.tail());
+    second.wait_for("DINV-TEST-DONE", STEP_TIMEOUT);
+    assert!(second.wait_exit(STEP_TIMEOUT).success(), "{}", second.tail());
+    assert!(second.lines_with("DINV-TEST-FAIL").is_empty(), "{}", second.tail());
+    let got = run_ok(Command::new("debugfs").args(["-R", "cat /token.txt"]).arg(&copy));
+    assert_eq!(got.trim(), token);
+    run_ok(Command::new("e2fsck").args(["-fn"]).arg(&copy));
+
+    // A snapshot only resumes on the machine it was taken of.
+    let other = dir.path().join("data-other.ext4");
+    let out = Command::new(dinv_tests::dinv_bin())
+        .args(machine(&other).into_iter().map(|a| if a == "128M" { "256M".into() } else { a }))
+        .arg("--restore")
+        .arg(dir.path().join("snap"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("different memory size"), "{stderr}");
+}

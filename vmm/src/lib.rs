@@ -123,6 +123,9 @@ pub enum Error {
     /// Machine state could not be captured or restored.
     #[error("Machine state: {0}")]
     State(#[from] snapshot::StateError),
+    /// A snapshot could not be read or resumed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
 }
 
 /// Result alias for this crate.

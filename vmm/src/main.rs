@@ -39,7 +39,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a kernel under the VMM (no docker): for kernels, images and tests.
-    Boot(BootArgs),
+    Boot(Box<BootArgs>),
     /// Exit 0 when the docker API on the socket answers `/_ping` (a container HEALTHCHECK).
     Health(HealthArgs),
 }
@@ -241,6 +241,17 @@ struct BootArgs {
     /// fresh KVM VM restored from it.
     #[arg(long, value_name = "SECS", hide = true)]
     relocate_after: Option<f64>,
+    /// Write a snapshot of the running guest to DIR (which must not exist) after
+    /// --snapshot-after seconds; the guest goes on.
+    #[arg(long, value_name = "DIR", requires = "snapshot_after")]
+    snapshot_to: Option<PathBuf>,
+    /// When to take the --snapshot-to snapshot, in seconds after start.
+    #[arg(long, value_name = "SECS", requires = "snapshot_to")]
+    snapshot_after: Option<f64>,
+    /// Resume the snapshot in DIR instead of booting: the other options must describe the
+    /// same machine. A writable --disk that does not exist is created from the snapshot's copy.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
     /// Attach virtio-net backed by the user-mode netstack on this subnet (guest .15, gateway
     /// .1, DNS .3, host loopback .2), e.g. 10.234.0.0/24. The guest configures its own address.
     #[arg(long, value_name = "SUBNET")]
@@ -289,7 +300,7 @@ fn share(spec: &str) -> Result<P9Config, String> {
     Ok(cfg)
 }
 
-fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
+fn boot(args: Box<BootArgs>) -> anyhow::Result<ExitCode> {
     let memory = dinv_vmm::size::parse_size(&args.memory).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
     let mut builder = Vm::builder()
         .kernel(&args.kernel)
@@ -312,8 +323,18 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         let after = std::time::Duration::try_from_secs_f64(secs).map_err(|e| anyhow::anyhow!("--relocate-after: {e}"))?;
         builder = builder.relocate_after(after);
     }
-    for spec in &args.disks {
-        builder = builder.disk(disk(spec).map_err(anyhow::Error::msg)?);
+    for (i, spec) in args.disks.iter().enumerate() {
+        let cfg = disk(spec).map_err(anyhow::Error::msg)?;
+        if let Some(dir) = &args.restore {
+            if !cfg.read_only && !cfg.path.exists() {
+                let copied = dinv_vmm::snapshot::install_disk(dir, i, &cfg.path)?;
+                tracing::info!("disk {} created from the snapshot ({} MiB copied)", cfg.path.display(), copied >> 20);
+            }
+        }
+        builder = builder.disk(cfg);
+    }
+    if let Some(dir) = &args.restore {
+        builder = builder.restore_from(dir);
     }
     for spec in &args.shares {
         builder = builder.share(share(spec).map_err(anyhow::Error::msg)?);
@@ -328,7 +349,17 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = args.console {
         builder = builder.console(Console::File(path));
     }
-    let exit = builder.build()?.run()?;
+    let vm = builder.build()?;
+    if let (Some(dir), Some(secs)) = (args.snapshot_to, args.snapshot_after) {
+        let after = std::time::Duration::try_from_secs_f64(secs).map_err(|e| anyhow::anyhow!("--snapshot-after: {e}"))?;
+        let handle = vm.handle();
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            // The outcome is logged by the VM's run loop.
+            let _ = handle.snapshot(dir);
+        });
+    }
+    let exit = vm.run()?;
     if exit.is_clean() {
         tracing::info!("{exit}");
         Ok(ExitCode::SUCCESS)

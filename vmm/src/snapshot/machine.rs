@@ -1,6 +1,6 @@
 //! KVM machine state: what a paused VM's vCPUs and in-kernel devices hold, captured and put back.
 //!
-//! The basis of VM snapshots (pause, capture, restore into a fresh KVM VM). [`VcpuState`] holds
+//! The KVM half of a snapshot (pause, capture, restore into a fresh KVM VM). [`VcpuState`] holds
 //! one vCPU's architectural state (registers, segment/control registers, FPU/XSAVE, XCRs, debug
 //! registers, local APIC, MSRs, pending events, MP state); [`VmState`] the in-kernel irqchip
 //! (both PICs and the IOAPIC), the PIT and the KVM clock. Restore order follows what KVM needs:
@@ -17,6 +17,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 
 /// A KVM call that failed while capturing or restoring state.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +39,7 @@ pub fn msr_indices(kvm_fd: &Kvm) -> Result<Vec<u32>, StateError> {
 }
 
 /// One vCPU's state.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
     /// General-purpose registers, RIP, RFLAGS.
     pub regs: kvm_regs,
@@ -128,7 +129,7 @@ impl VcpuState {
 }
 
 /// The VM-wide in-kernel device state.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {
     /// PIC master, PIC slave, IOAPIC.
     pub irqchips: [kvm_irqchip; 3],

@@ -37,7 +37,10 @@ use devices::virtio::SharedDevice;
 use crate::console::{Console, ConsoleWriter};
 use crate::pvm::PvmMode;
 use crate::vcpu::{vcpu_kick_signal, ExitState, Vcpu};
+use crate::snapshot::{self, MachineSpec, Snapshot, SnapshotError, SnapshotInfo};
 use crate::{Error, Result, VmExit};
+
+mod snap;
 
 // Virtio devices get windows and IRQs in this order: disks, vsock, net, 9p shares.
 
@@ -73,6 +76,7 @@ pub struct VmBuilder {
     pvm: PvmMode,
     profile: Option<PathBuf>,
     relocate_after: Option<Duration>,
+    restore: Option<PathBuf>,
 }
 
 impl Default for VmBuilder {
@@ -91,6 +95,7 @@ impl Default for VmBuilder {
             pvm: PvmMode::Auto,
             profile: None,
             relocate_after: None,
+            restore: None,
         }
     }
 }
@@ -177,22 +182,46 @@ impl VmBuilder {
         self
     }
 
+    /// Resume the snapshot in `dir` (see [`crate::snapshot`]) instead of booting: the rest of
+    /// the configuration must describe the machine the snapshot was taken of, and writable
+    /// disks must hold the snapshot's copies ([`crate::snapshot::install_disk`]). The kernel
+    /// image is not read.
+    pub fn restore_from(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.restore = Some(dir.into());
+        self
+    }
+
     /// Creates the VM, loads the kernel and wires the devices. Nothing runs yet.
     pub fn build(self) -> Result<Vm> {
         Vm::new(self)
     }
 }
 
-/// Stops a running [`Vm`] from another thread.
+/// Controls a running [`Vm`] from another thread.
 #[derive(Clone, Debug)]
 pub struct VmHandle {
     exit: Arc<ExitState>,
+    requests: Arc<Mutex<Vec<snap::Request>>>,
 }
 
 impl VmHandle {
     /// Ends the VM now (no guest shutdown): `run` returns [`VmExit::Stopped`].
     pub fn stop(&self) {
         self.exit.finish(VmExit::Stopped);
+    }
+
+    /// Pauses the guest, writes a snapshot to the new directory `dir` (see
+    /// [`crate::snapshot`]) and resumes it. Blocks until done; fails if the VM is not running.
+    pub fn snapshot(&self, dir: impl Into<PathBuf>) -> std::result::Result<SnapshotInfo, SnapshotError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(snap::Request { dir: dir.into(), reply: tx });
+        // Wakes the run loop (the exit watcher only drains it).
+        let _ = self.exit.evt.write(1);
+        rx.recv()
+            .unwrap_or_else(|_| Err(SnapshotError::Unsupported("the VM is not running".into())))
     }
 }
 
@@ -306,6 +335,13 @@ pub struct Vm {
     cpuid: CpuId,
     vcpu_count: u8,
     relocate_after: Option<Duration>,
+    spec: MachineSpec,
+    /// Disk images in attach order, with whether each is read-only.
+    disks: Vec<(PathBuf, bool)>,
+    /// 9P shares hold guest file handles a snapshot cannot carry.
+    has_shares: bool,
+    serial: Arc<Mutex<SerialDevice<ConsoleWriter>>>,
+    requests: Arc<Mutex<Vec<snap::Request>>>,
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     io: Arc<IoManager>,
@@ -313,8 +349,8 @@ pub struct Vm {
     exit: Arc<ExitState>,
     panicked: Arc<AtomicBool>,
     profile: Option<(PathBuf, Arc<crate::profile::Profile>)>,
-    /// Kept alive: transports are referenced by the I/O manager too.
-    _transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Also referenced by the I/O manager.
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -335,11 +371,20 @@ impl Vm {
     pub fn handle(&self) -> VmHandle {
         VmHandle {
             exit: self.exit.clone(),
+            requests: self.requests.clone(),
         }
     }
 
     fn new(cfg: VmBuilder) -> Result<Self> {
-        let kernel_path = cfg.kernel.clone().ok_or(Error::NoKernel)?;
+        let saved = match &cfg.restore {
+            Some(dir) => Some(Snapshot::load(dir)?),
+            None => None,
+        };
+        let kernel_path = match (&cfg.kernel, &saved) {
+            (Some(k), _) => k.clone(),
+            (None, Some(_)) => PathBuf::new(),
+            (None, None) => return Err(Error::NoKernel),
+        };
         let pvm = cfg.pvm.enabled();
         let mut vcpu_count = cfg.vcpus;
         if vcpu_count == 0 {
@@ -354,9 +399,14 @@ impl Vm {
         }
 
         let kvm = Kvm::new().map_err(Error::Kvm)?;
-        let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(cfg.memory)?)
-            .map_err(|e| Error::Memory(e.to_string()))?;
-        for region in mem.iter() {
+        let mem = match (&saved, &cfg.restore) {
+            (Some(snap), Some(dir)) => {
+                snapshot::map_memory(&dir.join(snapshot::MEMORY_FILE), &snap.regions)?
+            }
+            _ => GuestMemoryMmap::from_ranges(&layout::ram_regions(cfg.memory)?)
+                .map_err(|e| Error::Memory(e.to_string()))?,
+        };
+        for region in mem.iter().filter(|_| saved.is_none()) {
             let host = mem
                 .get_host_address(region.start_addr())
                 .map_err(|e| Error::Memory(e.to_string()))?;
@@ -383,9 +433,14 @@ impl Vm {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         wiring.irqfd(&vm, &serial_irq, COM1_IRQ)?;
         let console = ConsoleWriter::open(cfg.console, panicked.clone()).map_err(Error::Console)?;
-        let serial = SerialDevice::new(EventFdTrigger::new(serial_irq), console);
+        let serial = match &saved {
+            Some(snap) => SerialDevice::from_snapshot(&snap.serial, EventFdTrigger::new(serial_irq), console)
+                .map_err(|e| Error::Device(format!("serial: {e}")))?,
+            None => SerialDevice::new(EventFdTrigger::new(serial_irq), console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         io.register_pio_resources(
-            Arc::new(Mutex::new(serial)),
+            serial.clone(),
             &[Resource::PioAddressRange { base: COM1_PORT, size: SERIAL_PORT_COUNT }],
         )
         .map_err(|e| Error::Device(format!("serial: {e:?}")))?;
@@ -402,22 +457,33 @@ impl Vm {
         let mut cmdline = String::from(BASE_CMDLINE);
         let mut transports = Vec::new();
         let mut virtio: Vec<(SharedDevice, Subscriber)> = Vec::new();
+        let mut devices = Vec::new();
+        let mut disks = Vec::new();
+        let has_shares = !cfg.shares.is_empty();
         for disk in cfg.disks {
             let path = disk.path.clone();
+            devices.push(
+                snapshot::describe_disk(&path, disk.read_only)
+                    .map_err(|e| Error::Device(format!("disk {}: {e}", path.display())))?,
+            );
+            disks.push((path.clone(), disk.read_only));
             let block = Block::new(disk).map_err(|source| Error::Disk { path, source })?;
             let block = Arc::new(Mutex::new(block));
             virtio.push((block.clone(), block));
         }
         if let Some(vsock) = cfg.vsock {
+            devices.push(format!("vsock cid {}", vsock.guest_cid));
             let vsock = Arc::new(Mutex::new(Vsock::new(vsock).map_err(|e| Error::Device(format!("vsock: {e}")))?));
             virtio.push((vsock.clone(), vsock));
         }
         if let Some(net) = cfg.net {
+            devices.push("net".to_string());
             let net = Arc::new(Mutex::new(Net::new(net).map_err(|e| Error::Device(format!("virtio-net: {e}")))?));
             virtio.push((net.clone(), net));
         }
         for share in cfg.shares {
             let tag = share.tag.clone();
+            devices.push(format!("9p {tag}"));
             let dev = P9Device::new(share).map_err(|e| Error::Device(format!("virtio-9p {tag}: {e}")))?;
             let dev = Arc::new(Mutex::new(dev));
             virtio.push((dev.clone(), dev));
@@ -450,6 +516,55 @@ impl Vm {
             cmdline.push_str(&cfg.cmdline);
         }
 
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Kvm)?;
+        let spec = MachineSpec {
+            dinv: env!("CARGO_PKG_VERSION").to_string(),
+            memory: cfg.memory,
+            vcpus: vcpu_count,
+            cmdline: cmdline.clone(),
+            devices,
+            cpuid: {
+                let mut cpuid = supported.clone();
+                boot::cpu::filter_cpuid(&mut cpuid, 0, vcpu_count);
+                cpuid
+                    .as_slice()
+                    .iter()
+                    .map(|e| [e.function, e.index, e.eax, e.ebx, e.ecx, e.edx])
+                    .collect()
+            },
+        };
+        if let Some(snap) = saved {
+            spec.check(&snap.machine)?;
+            let vcpus = snap::restore_machine(&vm, &supported, &transports, &snap)?;
+            tracing::info!(
+                "resumed the snapshot in {} ({} vCPU(s), {} MiB)",
+                cfg.restore.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                vcpu_count,
+                cfg.memory >> 20
+            );
+            return Ok(Vm {
+                kvm,
+                vm: Some(vm),
+                wiring,
+                cpuid: supported,
+                vcpu_count,
+                relocate_after: cfg.relocate_after,
+                spec,
+                disks,
+                has_shares,
+                serial,
+                requests: Arc::default(),
+                mem,
+                vcpus,
+                io: Arc::new(io),
+                events,
+                exit,
+                panicked,
+                profile: cfg.profile.map(|p| (p, Arc::default())),
+                transports,
+            });
+        }
+
         // Kernel and boot information.
         let kernel = loader::load_kernel(&mem, &kernel_path, cfg.entry)?;
         let cmdline = loader::cmdline_from_str(&cmdline)?;
@@ -465,7 +580,6 @@ impl Vm {
         );
 
         // vCPUs.
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Kvm)?;
         let mut vcpus = Vec::with_capacity(vcpu_count as usize);
         for id in 0..vcpu_count {
             let vcpu = create_vcpu(&vm, &supported, id, vcpu_count)?;
@@ -497,6 +611,11 @@ impl Vm {
             cpuid: supported,
             vcpu_count,
             relocate_after: cfg.relocate_after,
+            spec,
+            disks,
+            has_shares,
+            serial,
+            requests: Arc::default(),
             mem,
             vcpus,
             io: Arc::new(io),
@@ -504,7 +623,7 @@ impl Vm {
             exit,
             panicked,
             profile: cfg.profile.map(|p| (p, Arc::default())),
-            _transports: transports,
+            transports,
         })
     }
 
@@ -534,6 +653,15 @@ impl Vm {
         while !self.exit.stop.load(Ordering::SeqCst) {
             if let Err(e) = self.events.run_with_timeout(100) {
                 tracing::error!("device event loop: {e:?}");
+            }
+            let requests = std::mem::take(&mut *self.requests.lock().unwrap_or_else(|e| e.into_inner()));
+            for request in requests {
+                let result = self.take_snapshot(&mut threads, &request.dir);
+                match &result {
+                    Ok(info) => tracing::info!("snapshot written to {}: {info}", request.dir.display()),
+                    Err(e) => tracing::error!("snapshot to {} failed: {e}", request.dir.display()),
+                }
+                let _ = request.reply.send(result);
             }
             if relocate_after.is_some_and(|after| started.elapsed() >= after) {
                 relocate_after = None;
