@@ -3,8 +3,11 @@
 //!
 //! Guest → host: `hello dinv-agent <version>` (first line of every connection), `ready` (dockerd's
 //! `/_ping` answered `OK`), `stopping` (shutdown began), `error <text>` (e.g.
-//! `error dockerd exited exit code 1`). Host → guest: `shutdown`. Unknown host lines are logged
-//! and ignored.
+//! `error dockerd exited exit code 1`). Host → guest: `shutdown`; `time <secs>.<nanos>` (the
+//! host's wall clock: set on every connection, it puts a guest resumed from a snapshot back in
+//! the present); `seed <64 hex digits>` (fresh host randomness, mixed into the guest's pool
+//! and forcing a reseed, so guests resumed from the same snapshot do not share random
+//! streams). Unknown or malformed host lines are logged and ignored.
 //!
 //! The client connects in its own thread and retries every second while the host side is absent,
 //! so it never blocks the boot. On (re)connection it replays the current state (`ready`,
@@ -27,6 +30,10 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub enum HostMessage {
     /// Begin graceful shutdown.
     Shutdown,
+    /// Set the wall clock: seconds and nanoseconds since the Unix epoch.
+    Time(i64, i64),
+    /// Randomness to credit to the guest's pool (32 bytes).
+    Seed(Vec<u8>),
     /// Anything else (logged, ignored).
     Unknown(String),
 }
@@ -37,10 +44,30 @@ pub fn parse_host_line(line: &str) -> Option<HostMessage> {
     if t.is_empty() {
         return None;
     }
-    Some(match t {
-        "shutdown" => HostMessage::Shutdown,
-        other => HostMessage::Unknown(other.to_string()),
+    let unknown = || HostMessage::Unknown(t.to_string());
+    Some(match t.split_once(' ') {
+        None if t == "shutdown" => HostMessage::Shutdown,
+        Some(("time", v)) => parse_time(v).map_or_else(unknown, |(s, n)| HostMessage::Time(s, n)),
+        Some(("seed", v)) => parse_hex32(v).map_or_else(unknown, HostMessage::Seed),
+        _ => unknown(),
     })
+}
+
+/// `<secs>.<9-digit nanos>`, both non-negative.
+fn parse_time(v: &str) -> Option<(i64, i64)> {
+    let (s, n) = v.split_once('.')?;
+    if n.len() != 9 || !s.bytes().chain(n.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((s.parse().ok()?, n.parse().ok()?))
+}
+
+/// Exactly 64 hex digits.
+fn parse_hex32(v: &str) -> Option<Vec<u8>> {
+    if v.len() != 64 || !v.is_ascii() {
+        return None;
+    }
+    (0..32).map(|i| u8::from_str_radix(v.get(2 * i..2 * i + 2)?, 16).ok()).collect()
 }
 
 /// A message to the host.
@@ -165,6 +192,16 @@ impl Control {
                         let _ = events.send(crate::Event::Shutdown("host request".into()));
                         crate::sys::wake_main();
                     }
+                    Some(HostMessage::Time(secs, nanos)) => {
+                        if let Err(e) = crate::sys::set_realtime(secs, nanos) {
+                            crate::info!("control: cannot set the clock: {e}");
+                        }
+                    }
+                    Some(HostMessage::Seed(bytes)) => {
+                        if let Err(e) = crate::sys::add_entropy(&bytes) {
+                            crate::info!("control: cannot add host entropy: {e}");
+                        }
+                    }
                     Some(HostMessage::Unknown(t)) => {
                         crate::info!("control: unknown host message '{t}'")
                     }
@@ -198,6 +235,34 @@ mod tests {
             parse_host_line("SHUTDOWN"),
             Some(HostMessage::Unknown("SHUTDOWN".into()))
         );
+        assert_eq!(
+            parse_host_line("time 1764662400.000000042\n"),
+            Some(HostMessage::Time(1_764_662_400, 42))
+        );
+        let hex = "00ff".repeat(16);
+        assert_eq!(
+            parse_host_line(&format!("seed {hex}")),
+            Some(HostMessage::Seed([0u8, 0xff].repeat(16)))
+        );
+        // Malformed values are unknown lines, never a wrong clock or a short seed.
+        for bad in [
+            "time 17646624",
+            "time 1764662400.42",
+            "time -1.000000000",
+            "time 1.0000000001",
+            "time x.000000000",
+            "seed 00ff",
+            "seed zz",
+            &format!("seed {}", "g".repeat(64)),
+            &format!("seed {}é", "0".repeat(62)),
+            "shutdown now",
+        ] {
+            assert_eq!(
+                parse_host_line(bad),
+                Some(HostMessage::Unknown(bad.to_string())),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -263,3 +263,47 @@ mod tests {
         assert_eq!(super::stat_ppid(&me), Some(unsafe { libc::getppid() }));
     }
 }
+
+/// Sets `CLOCK_REALTIME`.
+pub fn set_realtime(secs: i64, nanos: i64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: secs as libc::time_t,
+        tv_nsec: nanos as libc::c_long,
+    };
+    // SAFETY: a valid timespec for the duration of the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Credits `bytes` (trusted host randomness) to the kernel's input pool and reseeds the CRNG
+/// from it (`RNDADDENTROPY`, `RNDRESEEDCRNG`).
+pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
+    /// `struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }`
+    #[repr(C)]
+    struct PoolInfo {
+        entropy_count: libc::c_int,
+        buf_size: libc::c_int,
+        buf: [u8; 32],
+    }
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203; // _IOW('R', 0x03, int[2])
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207; // _IO('R', 0x07)
+    let mut info = PoolInfo { entropy_count: 0, buf_size: 0, buf: [0; 32] };
+    let n = bytes.len().min(info.buf.len());
+    info.buf[..n].copy_from_slice(&bytes[..n]);
+    info.entropy_count = (n * 8) as libc::c_int;
+    info.buf_size = n as libc::c_int;
+    let dev = std::fs::File::open("/dev/urandom")?;
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info of `buf_size` bytes of payload from `info`,
+    // which lives for the call; RNDRESEEDCRNG takes no argument.
+    unsafe {
+        if libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&dev), RNDADDENTROPY as _, &info) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&dev), RNDRESEEDCRNG as _) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

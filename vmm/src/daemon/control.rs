@@ -12,6 +12,8 @@
 //!
 //! | from the host | meaning |
 //! |---|---|
+//! | `time <secs>.<nanos>` | set the guest's wall clock (sent on every connection: a guest resumed from a snapshot wakes up in the past) |
+//! | `seed <64 hex digits>` | credit 32 bytes of host randomness and reseed (guests resumed from one snapshot must not share random streams) |
 //! | `shutdown` | stop dockerd (within `dinv.shutdown_timeout`), sync, unmount, power off |
 
 use std::io::{BufRead, BufReader, Write};
@@ -92,6 +94,10 @@ impl AgentLink {
                     continue;
                 }
             };
+            let mut conn = conn;
+            if let Err(e) = conn.write_all(greeting().as_bytes()) {
+                tracing::warn!("control channel: cannot send the time and seed: {e}");
+            }
             *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
             for line in BufReader::new(reader).lines() {
                 match line {
@@ -105,6 +111,25 @@ impl AgentLink {
             tracing::debug!("guest agent disconnected from the control channel");
         }
     }
+}
+
+/// What the host tells every new agent connection: its wall clock and a fresh seed.
+fn greeting() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut seed = [0u8; 32];
+    // SAFETY: getrandom writes at most `seed.len()` bytes into `seed`.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    let mut out = format!("time {}.{:09}\n", now.as_secs(), now.subsec_nanos());
+    if usize::try_from(n).ok() == Some(seed.len()) {
+        out.push_str("seed ");
+        for b in seed {
+            out.push_str(&format!("{b:02x}"));
+        }
+        out.push('\n');
+    } else {
+        tracing::warn!("getrandom: {}", std::io::Error::last_os_error());
+    }
+    out
 }
 
 #[cfg(test)]
@@ -136,8 +161,17 @@ mod tests {
         assert_eq!(rx.recv().unwrap(), AgentEvent::Hello("dinv-agent test".into()));
         assert_eq!(rx.recv().unwrap(), AgentEvent::Ready);
         assert!(link.request_shutdown());
-        let mut line = String::new();
-        BufReader::new(agent).read_line(&mut line).unwrap();
-        assert_eq!(line, "shutdown\n");
+        let mut lines = BufReader::new(agent).lines().map(Result::unwrap);
+        // Every connection starts with the host's clock and a fresh seed.
+        let time = lines.next().unwrap();
+        let secs: u64 = time.strip_prefix("time ").unwrap().split_once('.').unwrap().0.parse().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(now.abs_diff(secs) < 60, "{time}");
+        let seed = lines.next().unwrap();
+        let hex = seed.strip_prefix("seed ").unwrap();
+        assert!(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()), "{seed}");
+        let seed_of = |g: String| g.lines().nth(1).map(str::to_string);
+        assert_ne!(seed_of(greeting()), seed_of(greeting()), "seeds repeat");
+        assert_eq!(lines.next().unwrap(), "shutdown");
     }
 }

@@ -195,6 +195,73 @@ impl VmBuilder {
     pub fn build(self) -> Result<Vm> {
         Vm::new(self)
     }
+
+    /// Whether the snapshot in `dir` can resume on the machine this builder describes (with
+    /// the writable disks as they are now); the reason if not. Nothing is created.
+    pub fn check_snapshot(&self, dir: &std::path::Path) -> Result<()> {
+        let snap = Snapshot::load(dir)?;
+        let kvm = Kvm::new().map_err(Error::Kvm)?;
+        let (_, spec) = self.plan(&kvm)?;
+        spec.check(&snap.machine)?;
+        Ok(())
+    }
+
+    /// The vCPU count after the PVM profile (one vCPU), and whether the profile applies.
+    fn vcpu_count(&self) -> Result<(u8, bool)> {
+        if self.vcpus == 0 {
+            return Err(Error::Config("vCPU count must be at least 1".into()));
+        }
+        let pvm = self.pvm.enabled();
+        Ok((if pvm { 1 } else { self.vcpus }, pvm))
+    }
+
+    /// The guest kernel command line and the machine description (what a snapshot of this VM
+    /// records and a restore must match). Virtio devices get MMIO windows and IRQs in attach
+    /// order: disks, vsock, net, 9p shares.
+    fn plan(&self, kvm: &Kvm) -> Result<(String, MachineSpec)> {
+        let (vcpu_count, pvm) = self.vcpu_count()?;
+        let mut cmdline = String::from(BASE_CMDLINE);
+        let mut devices = Vec::new();
+        for disk in &self.disks {
+            devices.push(
+                snapshot::describe_disk(&disk.path, disk.read_only)
+                    .map_err(|e| Error::Device(format!("disk {}: {e}", disk.path.display())))?,
+            );
+        }
+        if let Some(vsock) = &self.vsock {
+            devices.push(format!("vsock cid {}", vsock.guest_cid));
+        }
+        if self.net.is_some() {
+            devices.push("net".to_string());
+        }
+        for share in &self.shares {
+            devices.push(format!("9p {}", share.tag));
+        }
+        for index in 0..devices.len() {
+            let base = layout::virtio_mmio_window(index);
+            let irq = layout::virtio_irq(index).ok_or(Error::TooManyDevices)?;
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+        }
+        if pvm {
+            cmdline.push(' ');
+            cmdline.push_str(&crate::pvm::cmdline_additions());
+        }
+        if !self.cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&self.cmdline);
+        }
+        let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Kvm)?;
+        boot::cpu::filter_cpuid(&mut cpuid, 0, vcpu_count);
+        let spec = MachineSpec {
+            dinv: env!("CARGO_PKG_VERSION").to_string(),
+            memory: self.memory,
+            vcpus: vcpu_count,
+            cmdline: cmdline.clone(),
+            devices,
+            cpuid: cpuid.as_slice().iter().map(|e| [e.function, e.index, e.eax, e.ebx, e.ecx, e.edx]).collect(),
+        };
+        Ok((cmdline, spec))
+    }
 }
 
 /// Controls a running [`Vm`] from another thread.
@@ -385,20 +452,19 @@ impl Vm {
             (None, Some(_)) => PathBuf::new(),
             (None, None) => return Err(Error::NoKernel),
         };
-        let pvm = cfg.pvm.enabled();
-        let mut vcpu_count = cfg.vcpus;
-        if vcpu_count == 0 {
-            return Err(Error::Config("vCPU count must be at least 1".into()));
-        }
+        let (vcpu_count, pvm) = cfg.vcpu_count()?;
         if pvm {
             tracing::info!("PVM detected: applying the PVM compatibility profile (kernel parameters, 1 vCPU)");
-            if vcpu_count > 1 {
-                tracing::warn!("PVM: using 1 vCPU instead of {vcpu_count}");
-                vcpu_count = 1;
+            if cfg.vcpus > 1 {
+                tracing::warn!("PVM: using 1 vCPU instead of {}", cfg.vcpus);
             }
         }
 
         let kvm = Kvm::new().map_err(Error::Kvm)?;
+        let (cmdline, spec) = cfg.plan(&kvm)?;
+        if let Some(snap) = &saved {
+            spec.check(&snap.machine)?;
+        }
         let mem = match (&saved, &cfg.restore) {
             (Some(snap), Some(dir)) => {
                 snapshot::map_memory(&dir.join(snapshot::MEMORY_FILE), &snap.regions)?
@@ -453,37 +519,28 @@ impl Vm {
         .map_err(|e| Error::Device(format!("i8042: {e:?}")))?;
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { reset, exit: exit.clone() })));
 
-        // Virtio devices, announced on the command line.
-        let mut cmdline = String::from(BASE_CMDLINE);
+        // Virtio devices, announced on the command line (see `plan`).
         let mut transports = Vec::new();
         let mut virtio: Vec<(SharedDevice, Subscriber)> = Vec::new();
-        let mut devices = Vec::new();
         let mut disks = Vec::new();
         let has_shares = !cfg.shares.is_empty();
         for disk in cfg.disks {
             let path = disk.path.clone();
-            devices.push(
-                snapshot::describe_disk(&path, disk.read_only)
-                    .map_err(|e| Error::Device(format!("disk {}: {e}", path.display())))?,
-            );
             disks.push((path.clone(), disk.read_only));
             let block = Block::new(disk).map_err(|source| Error::Disk { path, source })?;
             let block = Arc::new(Mutex::new(block));
             virtio.push((block.clone(), block));
         }
         if let Some(vsock) = cfg.vsock {
-            devices.push(format!("vsock cid {}", vsock.guest_cid));
             let vsock = Arc::new(Mutex::new(Vsock::new(vsock).map_err(|e| Error::Device(format!("vsock: {e}")))?));
             virtio.push((vsock.clone(), vsock));
         }
         if let Some(net) = cfg.net {
-            devices.push("net".to_string());
             let net = Arc::new(Mutex::new(Net::new(net).map_err(|e| Error::Device(format!("virtio-net: {e}")))?));
             virtio.push((net.clone(), net));
         }
         for share in cfg.shares {
             let tag = share.tag.clone();
-            devices.push(format!("9p {tag}"));
             let dev = P9Device::new(share).map_err(|e| Error::Device(format!("virtio-9p {tag}: {e}")))?;
             let dev = Arc::new(Mutex::new(dev));
             virtio.push((dev.clone(), dev));
@@ -505,36 +562,10 @@ impl Vm {
             .map_err(|e| Error::Device(format!("virtio-mmio: {e:?}")))?;
             events.add_subscriber(subscriber);
             transports.push(transport);
-            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-        }
-        if pvm {
-            cmdline.push(' ');
-            cmdline.push_str(&crate::pvm::cmdline_additions());
-        }
-        if !cfg.cmdline.is_empty() {
-            cmdline.push(' ');
-            cmdline.push_str(&cfg.cmdline);
         }
 
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Kvm)?;
-        let spec = MachineSpec {
-            dinv: env!("CARGO_PKG_VERSION").to_string(),
-            memory: cfg.memory,
-            vcpus: vcpu_count,
-            cmdline: cmdline.clone(),
-            devices,
-            cpuid: {
-                let mut cpuid = supported.clone();
-                boot::cpu::filter_cpuid(&mut cpuid, 0, vcpu_count);
-                cpuid
-                    .as_slice()
-                    .iter()
-                    .map(|e| [e.function, e.index, e.eax, e.ebx, e.ecx, e.edx])
-                    .collect()
-            },
-        };
         if let Some(snap) = saved {
-            spec.check(&snap.machine)?;
             let vcpus = snap::restore_machine(&vm, &supported, &transports, &snap)?;
             tracing::info!(
                 "resumed the snapshot in {} ({} vCPU(s), {} MiB)",
