@@ -76,6 +76,7 @@ fn every_invalid_value_is_one_line_naming_the_option_and_exit_2() {
         (&[], &["--local", "--tlsverify"], "--local"),
         (&[("DINV_TCP_PORTS", "2376")], &["--tlsverify"], "DINV_TCP_PORTS"),
         (&[("DINV_TCP_PORTS", "9000:80")], &["--tcp", "--tcp-listen", "127.0.0.1:9000"], "DINV_TCP_PORTS"),
+        (&[("DINV_SNAPSHOT", "/etc/hostname")], &[], "DINV_SNAPSHOT"),
         (&[("DINV_KERNEL", "/nonexistent-dinv-kernel")], &[], "kernel"),
         (&[("DINV_ROOTFS", "/nonexistent-dinv-rootfs")], &[], "root filesystem"),
     ];
@@ -120,6 +121,7 @@ fn help_documents_every_option_with_its_environment_variable() {
         "DINV_STORAGE_DRIVER",
         "DINV_LOCAL",
         "DINV_LOG_LEVEL",
+        "DINV_SNAPSHOT",
         "DEBUG",
     ] {
         assert!(help.contains(&format!("env: {var}=")), "--help does not document {var}");
@@ -158,6 +160,7 @@ fn every_option_reaches_the_configuration_as_env_and_as_flag() {
         ("DINV_STORAGE_DRIVER", "--storage-driver", "vfs", &["dinv.storage_driver=vfs"]),
         ("DINV_INSECURE_REGISTRY", "--insecure-registry", "reg.example:5000", &["dinv.insecure_registry=reg.example:5000"]),
         ("DINV_CMDLINE", "--cmdline", "quiet", &[" quiet"]),
+        ("DINV_SNAPSHOT", "--snapshot", "/var/cache/dinv-snapshot", &["snapshot=/var/cache/dinv-snapshot"]),
     ];
     for (var, flag, value, expect) in cases {
         for out in [resolved(&[(var, value)], &[]), resolved(&[], &[&format!("{flag}={value}")])] {

@@ -139,6 +139,22 @@ impl<const N: usize> DeviceState<N> {
     }
 }
 
+/// `Queue::enable_notification` for a device loop that goes round again while it returns
+/// `true`: an available index more than the queue size ahead of the device is an error
+/// (virtio 1.2 §2.7.6: the driver never has more than `size` buffers outstanding), not more
+/// work — otherwise a driver that writes such an index keeps the event loop spinning, since no
+/// chain can be popped from that ring.
+pub(crate) fn enable_notification<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<bool, virtio_queue::Error> {
+    if !queue.enable_notification(mem)? {
+        return Ok(false);
+    }
+    let ahead = queue.avail_idx(mem, Ordering::Acquire)?.0.wrapping_sub(queue.next_avail());
+    if ahead > queue.size() {
+        return Err(virtio_queue::Error::InvalidAvailRingIndex);
+    }
+    Ok(true)
+}
+
 /// After used buffers were added to queue `idx`: interrupt the driver if it wants to be
 /// (§2.7.7, §2.7.10 with VIRTIO_F_EVENT_IDX), counting in `interrupts`, or a failed interrupt
 /// in `errors`. A ring that cannot be read errs on the side of interrupting.

@@ -276,8 +276,11 @@ impl MmioTransport {
 
     /// The registers and queues, for a snapshot (the guest must not be running).
     pub fn snapshot(&self) -> MmioSnapshot {
+        // Separate statements: each takes the device lock.
+        let device_type = lock(&self.device).device_type();
+        let queues = self.queue_snapshots();
         MmioSnapshot {
-            device_type: lock(&self.device).device_type(),
+            device_type,
             device_status: self.device_status,
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
@@ -287,7 +290,17 @@ impl MmioTransport {
             shm_sel: self.shm_sel,
             interrupt_status: self.interrupt.status().load(Ordering::SeqCst),
             activated: self.activated,
-            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            queues,
+        }
+    }
+
+    /// The queues as the driver configured them, with the ring positions of the device's live
+    /// copies while it is active.
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        let live = if self.activated { lock(&self.device).queue_states() } else { None };
+        match live {
+            Some(states) if states.len() == self.queues.len() => states.into_iter().map(Into::into).collect(),
+            _ => self.queues.iter().map(|q| q.state().into()).collect(),
         }
     }
 

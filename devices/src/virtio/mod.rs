@@ -35,7 +35,7 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -194,6 +194,10 @@ pub trait VirtioDevice {
     /// One EventFd per queue, signalled when the driver notifies that queue.
     fn queue_events(&self) -> &[EventFd];
 
+    /// While active: the state of the queues the device works on (their ring positions move
+    /// on the device's side, not the transport's), for a snapshot. `None` when inactive.
+    fn queue_states(&self) -> Option<Vec<QueueState>>;
+
     /// The device was just re-activated from a snapshot: the driver's state (in guest memory)
     /// is as it was, the device's host-side state is new. Devices whose host side holds
     /// connections tell the driver here (virtio-vsock: a transport reset event).
@@ -206,6 +210,11 @@ pub type SharedDevice = Arc<Mutex<dyn VirtioDevice + Send>>;
 /// Lock a mutex, recovering the data if another thread panicked while holding it.
 pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The states of an active device's queues ([`VirtioDevice::queue_states`]).
+pub(crate) fn states_of(queues: &[Queue]) -> Vec<QueueState> {
+    queues.iter().map(|q| q.state()).collect()
 }
 
 /// Feature bit `bit` as a mask.

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod control;
 pub mod mounts;
+pub mod snapshots;
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -84,6 +85,8 @@ pub struct DaemonConfig {
     pub storage_driver: Option<String>,
     /// Verbose guest agent, dockerd `--debug`.
     pub debug: bool,
+    /// Snapshot directory (`DINV_SNAPSHOT`, see [`snapshots`]); `None`: always boot.
+    pub snapshot: Option<PathBuf>,
 }
 
 /// An extra sparse ext4 disk, formatted by the agent on first use and mounted in the guest.
@@ -155,6 +158,7 @@ impl DaemonConfig {
             insecure_registries: Vec::new(),
             storage_driver: None,
             debug: false,
+            snapshot: None,
         }
     }
 }
@@ -208,6 +212,7 @@ pub fn describe(cfg: &DaemonConfig) -> String {
             ),
         },
     }
+    line("snapshot", cfg.snapshot.as_ref().map_or("none".into(), |d| d.display().to_string()));
     line("cmdline", agent_cmdline(cfg));
     out
 }
@@ -381,6 +386,17 @@ fn prepare_and_format(path: &Path, size: u64, label: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates (and formats) the docker disk and the volume where they do not exist.
+fn prepare_disks(cfg: &DaemonConfig) -> Result<(), DaemonError> {
+    prepare_and_format(&cfg.docker_image, cfg.docker_size, DOCKER_DISK_LABEL)
+        .map_err(|source| DaemonError::DockerDisk { path: cfg.docker_image.clone(), source })?;
+    if let Some(v) = &cfg.volume {
+        prepare_and_format(&v.image, v.size, VOLUME_LABEL)
+            .map_err(|source| DaemonError::DockerDisk { path: v.image.clone(), source })?;
+    }
+    Ok(())
+}
+
 /// Binds a unix socket at `path`, replacing a stale socket file (one nobody answers on).
 pub fn bind_socket(path: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<UnixListener> {
     if let Ok(meta) = fs::symlink_metadata(path) {
@@ -443,14 +459,16 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
     let started = Instant::now();
     readable("kernel", &cfg.kernel)?;
     readable("root filesystem", &cfg.rootfs)?;
-    prepare_and_format(&cfg.docker_image, cfg.docker_size, DOCKER_DISK_LABEL).map_err(|source| DaemonError::DockerDisk {
-        path: cfg.docker_image.clone(),
-        source,
-    })?;
-
-    if let Some(v) = &cfg.volume {
-        prepare_and_format(&v.image, v.size, VOLUME_LABEL)
-            .map_err(|source| DaemonError::DockerDisk { path: v.image.clone(), source })?;
+    let mut plan = snapshots::plan(&cfg);
+    if let snapshots::Plan::Resume(dir) = &plan {
+        if let Err(e) = snapshots::install(&cfg, dir) {
+            tracing::warn!("cannot use the snapshot in {}: {e}; booting", dir.display());
+            snapshots::uninstall(&cfg);
+            plan = snapshots::Plan::Take(dir.clone());
+        }
+    }
+    if !matches!(plan, snapshots::Plan::Resume(_)) {
+        prepare_disks(&cfg)?;
     }
 
     let runtime = tempfile::Builder::new()
@@ -512,6 +530,20 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
         tracing::info!("sharing {} as {}{}", m.host.display(), m.guest, if m.read_only { " (read-only)" } else { "" });
         builder = builder.share(share);
     }
+    if let snapshots::Plan::Resume(dir) = &plan {
+        match builder.check_snapshot(dir) {
+            Ok(()) => {
+                tracing::info!("resuming the snapshot in {}", dir.display());
+                builder = builder.restore_from(dir);
+            }
+            Err(e) => {
+                tracing::info!("the snapshot in {} does not fit: {e}; booting, then replacing it", dir.display());
+                snapshots::uninstall(&cfg);
+                prepare_disks(&cfg)?;
+                plan = snapshots::Plan::Take(dir.clone());
+            }
+        }
+    }
     let vm = builder.build()?;
     let handle = vm.handle();
 
@@ -521,6 +553,10 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
         let link = link.clone();
         let sock = cfg.docker_sock.clone();
         let mut announced = false;
+        let mut take = match &plan {
+            snapshots::Plan::Take(dir) => Some((dir.clone(), handle.clone())),
+            _ => None,
+        };
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -529,6 +565,13 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
                     // The agent replays `ready` when it reconnects: announce once.
                     AgentEvent::Ready if !announced => {
                         announced = true;
+                        // Before announcing: no client request may be in the snapshot.
+                        if let Some((dir, handle)) = take.take() {
+                            match snapshots::save(&handle, &dir) {
+                                Ok(info) => tracing::info!("snapshot saved to {} ({info}): the next start with new disks resumes it", dir.display()),
+                                Err(e) => tracing::warn!("no snapshot saved: {e}"),
+                            }
+                        }
                         let tcp = match tcp_addr {
                             Some((addr, true)) => format!(" and tcp://{addr} (TLS)"),
                             Some((addr, false)) => format!(" and tcp://{addr}"),

@@ -148,7 +148,7 @@ impl Block {
                 }
                 used_any = true;
             }
-            match queue.enable_notification(mem) {
+            match crate::virtio::device_common::enable_notification(queue, mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -237,6 +237,10 @@ impl VirtioDevice for Block {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.state.queue_evts
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| crate::virtio::states_of(&a.queues))
     }
 }
 

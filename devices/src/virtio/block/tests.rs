@@ -771,3 +771,22 @@ fn event_loop_registers_queue_after_activation() {
     assert_eq!(vq.used().idx().load(), 2);
     assert_eq!(em.run_with_timeout(0).unwrap(), 0);
 }
+
+#[test]
+fn avail_index_far_ahead_is_an_error_not_a_spin() {
+    // A driver publishes an available index 100 entries ahead on a 64-entry queue: nothing can
+    // be popped, and the device must return (it used to go round forever) and count it.
+    let file = disk_file(16);
+    let mut block = block_with(&file, false, None);
+    let mem = mem();
+    let vq = MockSplitQueue::new(&mem, 64);
+    vq.avail().idx().store(100u16.to_le());
+    let queue: Queue = vq.create_queue().unwrap();
+    block.ack_features(block.avail_features());
+    block
+        .activate(ActivationContext { mem: mem.clone(), interrupt: Arc::new(RecordingInterrupt::new()), queues: vec![queue] })
+        .unwrap();
+    block.process_queue(0);
+    assert_eq!(vq.used().idx().load(), 0);
+    assert!(block.metrics().queue_errors.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}

@@ -6,6 +6,8 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use virtio_queue::QueueState;
+
 use super::*;
 use crate::virtio::{ActivateError, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 
@@ -23,6 +25,10 @@ struct FakeDevice {
     resets: usize,
     fail_activate: bool,
     queues_seen: Vec<(u16, bool)>,
+    next_avail_seen: Vec<u16>,
+    restored: usize,
+    /// What the device reports as its live queues.
+    live_queues: Option<Vec<QueueState>>,
 }
 
 impl FakeDevice {
@@ -38,6 +44,9 @@ impl FakeDevice {
             resets: 0,
             fail_activate: false,
             queues_seen: Vec::new(),
+            next_avail_seen: Vec::new(),
+            restored: 0,
+            live_queues: None,
         }
     }
 }
@@ -77,6 +86,8 @@ impl VirtioDevice for FakeDevice {
             .iter()
             .map(|q| (q.size(), q.event_idx_enabled()))
             .collect();
+        self.next_avail_seen = ctx.queues.iter().map(|q| q.next_avail()).collect();
+        self.live_queues = Some(ctx.queues.iter().map(|q| q.state()).collect());
         Ok(())
     }
     fn reset(&mut self) -> bool {
@@ -85,6 +96,12 @@ impl VirtioDevice for FakeDevice {
     }
     fn queue_events(&self) -> &[EventFd] {
         &self.evts
+    }
+    fn restored(&mut self) {
+        self.restored += 1;
+    }
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        self.live_queues.clone()
     }
 }
 
@@ -424,4 +441,62 @@ fn block_device_through_transport() {
     let mut cap = [0u8; 8];
     t.mmio_read(BASE, CONFIG_SPACE_OFFSET, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), 2048);
+}
+
+#[test]
+fn snapshot_restores_registers_queues_and_activation() {
+    let (mut t, dev, mem) = transport(2);
+    activate(&mut t, &mem, 2);
+    assert!(t.is_activated());
+    // The device consumed three buffers of queue 1 before the snapshot (its own queue copy
+    // moved, the transport's did not); a vring interrupt is not acknowledged yet.
+    {
+        let mut d = dev.lock().unwrap();
+        let live = d.live_queues.as_mut().unwrap();
+        live[1].next_avail = 3;
+        live[1].next_used = 3;
+    }
+    wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+    t.interrupt().trigger(InterruptType::Queue(1)).unwrap();
+    let snap = t.snapshot();
+    assert_eq!((snap.queues[1].next_avail, snap.queues[1].next_used), (3, 3), "positions come from the device");
+    assert_eq!((snap.queue_sel, snap.interrupt_status), (1, VIRTIO_MMIO_INT_VRING));
+    assert_eq!(snap.device_type, FAKE_ID);
+    assert_eq!(dev.lock().unwrap().restored, 0);
+
+    // A fresh transport over a fresh device, as in a new process (same memory layout).
+    let (mut fresh, fresh_dev, _) = transport(2);
+    fresh.restore(&snap).unwrap();
+    assert!(fresh.is_activated());
+    assert_eq!(rd(&mut fresh, VIRTIO_MMIO_STATUS), STATUS_DRIVER_OK);
+    assert_eq!(rd(&mut fresh, VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+    assert_eq!(rd(&mut fresh, VIRTIO_MMIO_QUEUE_READY), 1, "queue 1 selected and ready");
+    assert_eq!(fresh.interrupt_evt().read().unwrap(), 1, "the pending interrupt is raised again");
+    let d = fresh_dev.lock().unwrap();
+    assert_eq!((d.activations, d.restored), (1, 1));
+    assert_eq!(d.acked, full_features());
+    assert_eq!(d.queues_seen, vec![(8, true), (8, true)]);
+    assert_eq!(d.next_avail_seen, vec![0, 3], "ring positions carried over");
+    drop(d);
+    assert_eq!(fresh.snapshot(), snap, "a restored transport snapshots the same");
+}
+
+#[test]
+fn snapshot_of_another_device_or_bad_queues_is_refused() {
+    let (t, _dev, _mem) = transport(2);
+    let snap = t.snapshot();
+    let mut other = snap.clone();
+    other.device_type = FAKE_ID + 1;
+    let (mut t3, _, _) = transport(3);
+    assert!(matches!(t3.restore(&snap), Err(MmioError::SnapshotMismatch { .. })), "queue count");
+    let (mut t2, dev2, _) = transport(2);
+    assert!(matches!(t2.restore(&other), Err(MmioError::SnapshotMismatch { .. })), "device type");
+    let mut bad = snap.clone();
+    bad.queues[0].size = 5; // not a power of two
+    bad.queues[0].max_size = 16;
+    assert!(matches!(t2.restore(&bad), Err(MmioError::QueueState(0, _))), "queue size");
+    let mut big = snap;
+    big.queues[0].max_size = 1024;
+    assert!(matches!(t2.restore(&big), Err(MmioError::SnapshotMismatch { .. })), "max size");
+    assert_eq!(dev2.lock().unwrap().activations, 0);
 }

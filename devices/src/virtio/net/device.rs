@@ -212,7 +212,7 @@ impl Net {
                 }
                 used_any = true;
             }
-            match queue.enable_notification(mem) {
+            match crate::virtio::device_common::enable_notification(queue, mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -271,7 +271,7 @@ impl Net {
                 Reserve::Starved => {
                     // Ask for a kick once more buffers than the ones seen are posted, then
                     // give those back.
-                    let more = queue.enable_notification(mem);
+                    let more = crate::virtio::device_common::enable_notification(queue, mem);
                     queue.set_next_avail(start);
                     match more {
                         Ok(true) => {
@@ -519,6 +519,10 @@ impl VirtioDevice for Net {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.state.queue_evts
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| crate::virtio::states_of(&a.queues))
     }
 }
 

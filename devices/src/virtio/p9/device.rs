@@ -158,7 +158,7 @@ impl P9Device {
                     chain,
                 });
             }
-            match queue.enable_notification(&**mem) {
+            match crate::virtio::device_common::enable_notification(queue, &**mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -300,6 +300,10 @@ impl VirtioDevice for P9Device {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.state.queue_evts
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| crate::virtio::states_of(&a.queues))
     }
 }
 

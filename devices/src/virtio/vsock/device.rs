@@ -167,7 +167,7 @@ impl<B: VsockBackend> Vsock<B> {
                 }
                 used_any = true;
             }
-            match queue.enable_notification(mem) {
+            match crate::virtio::device_common::enable_notification(queue, mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -257,7 +257,7 @@ impl<B: VsockBackend> Vsock<B> {
                 }
                 used_any = true;
             }
-            match queue.enable_notification(mem) {
+            match crate::virtio::device_common::enable_notification(queue, mem) {
                 Ok(true) if starved => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -484,6 +484,10 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.state.queue_evts
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| crate::virtio::states_of(&a.queues))
     }
 
     fn restored(&mut self) {

@@ -707,3 +707,31 @@ fn fits_the_vmm_wiring() {
     // Nothing is watched but the activate EventFd until the guest activates the device.
     assert_eq!(em.run_with_timeout(0).unwrap(), 0);
 }
+
+#[test]
+fn restored_device_posts_one_transport_reset_event() {
+    let mut h = fake();
+    h.irq.take();
+    lock(&h.dev).restored();
+    // No event buffer yet: the reset waits for one.
+    h.kick(EVENT_QUEUE);
+    h.run_idle();
+    assert!(h.take_used(EVENT_QUEUE).is_empty());
+    // A buffer the device cannot write into is returned empty; the reset waits on.
+    let bad = h.add_chain(EVENT_QUEUE, &[(SCRATCH, 4, R)]);
+    h.kick(EVENT_QUEUE);
+    h.run_idle();
+    assert_eq!(h.take_used(EVENT_QUEUE), vec![(u32::from(bad), 0)]);
+    // Linux's driver posts 4-byte writable buffers (struct virtio_vsock_event).
+    h.mem.write_obj(0xffff_ffff_u32, GuestAddress(SCRATCH + 0x100)).unwrap();
+    let good = h.add_chain(EVENT_QUEUE, &[(SCRATCH + 0x100, 4, W)]);
+    h.add_chain(EVENT_QUEUE, &[(SCRATCH + 0x200, 4, W)]);
+    h.kick(EVENT_QUEUE);
+    h.run_idle();
+    assert_eq!(h.take_used(EVENT_QUEUE), vec![(u32::from(good), 4)], "exactly one event");
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(SCRATCH + 0x100)).unwrap(), EVENT_TRANSPORT_RESET);
+    assert!(h.irq.take().contains(&InterruptType::Queue(EVENT_QUEUE as u16)));
+    h.kick(EVENT_QUEUE);
+    h.run_idle();
+    assert!(h.take_used(EVENT_QUEUE).is_empty(), "posted once");
+}
