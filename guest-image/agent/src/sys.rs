@@ -248,22 +248,6 @@ pub fn user_processes() -> Vec<libc::pid_t> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ppid_from_stat() {
-        assert_eq!(
-            super::stat_ppid("38 (containerd) S 1 38 38 0 -1 4194560 1 0"),
-            Some(1)
-        );
-        assert_eq!(super::stat_ppid("7 (a) b) (c) R 2 0 0"), Some(2));
-        assert_eq!(super::stat_ppid("garbage"), None);
-        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
-        // SAFETY: getppid has no preconditions.
-        assert_eq!(super::stat_ppid(&me), Some(unsafe { libc::getppid() }));
-    }
-}
-
 /// Sets `CLOCK_REALTIME`.
 pub fn set_realtime(secs: i64, nanos: i64) -> io::Result<()> {
     let ts = libc::timespec {
@@ -306,4 +290,20 @@ pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ppid_from_stat() {
+        assert_eq!(
+            super::stat_ppid("38 (containerd) S 1 38 38 0 -1 4194560 1 0"),
+            Some(1)
+        );
+        assert_eq!(super::stat_ppid("7 (a) b) (c) R 2 0 0"), Some(2));
+        assert_eq!(super::stat_ppid("garbage"), None);
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+        // SAFETY: getppid has no preconditions.
+        assert_eq!(super::stat_ppid(&me), Some(unsafe { libc::getppid() }));
+    }
 }
