@@ -8,7 +8,8 @@
 # guest-image/kernel/build.sh for the guest kernel, guest-image/rootfs/build.sh for the docker
 # root filesystem (debootstrap + chroot: the build needs root, which `docker build` has).
 # Volumes: /docker (the docker disk image: images, containers), /volume (DINV_VOLUME_* image),
-# /certs (TLS certificates, generated on first start with --tls/--tlsverify).
+# /certs (TLS certificates, generated on first start with --tls/--tlsverify), /snapshot (the
+# booted guest, saved by the first start with a new docker disk; later such starts resume it).
 
 FROM rust:1-bookworm AS build
 ENV DEBIAN_FRONTEND=noninteractive DINV_CACHE=/cache CARGO_TARGET_DIR=/target
@@ -37,13 +38,13 @@ RUN rootfs=$(guest-image/rootfs/build.sh | tail -n 1) \
     && install -D -m 0644 "$rootfs" /out/usr/lib/dinv/rootfs.ext4
 
 FROM debian:trixie-slim
-ENV DEBIAN_FRONTEND=noninteractive
+ENV DEBIAN_FRONTEND=noninteractive DINV_SNAPSHOT=/snapshot
 # docker-cli: so `docker exec <name> docker ps` works; e2fsprogs: fsck of the disks by hand.
 RUN apt-get update -q \
     && apt-get install -y -q --no-install-recommends docker-cli e2fsprogs ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /
-VOLUME ["/docker", "/volume", "/certs"]
+VOLUME ["/docker", "/volume", "/certs", "/snapshot"]
 # 2375/2376: the docker API over TCP with --tcp / --tls(verify).
 EXPOSE 2375 2376
 # Guest boot takes seconds on hardware KVM (minutes on PVM hosts): allow a long start period.

@@ -1,7 +1,7 @@
 //! The Dockerfile stays in step with the repository: every path it copies from the build
 //! context exists, every script it runs exists and is executable, it builds with the same
 //! scripts CI uses, and the runtime image has what the README promises (dinv as the command,
-//! the docker CLI, the three volumes, a HEALTHCHECK that runs `dinv health`).
+//! the docker CLI, the four volumes, a HEALTHCHECK that runs `dinv health`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -74,7 +74,7 @@ fn dockerfile_copies_and_runs_only_what_exists() {
     let runtime = &ins[last_from..];
     assert!(runtime.iter().any(|i| i == r#"CMD ["dinv"]"#), "runtime command must be dinv");
     assert!(runtime.iter().any(|i| i.starts_with("RUN ") && i.contains("docker-cli")), "docker CLI missing");
-    assert!(runtime.iter().any(|i| i.starts_with("VOLUME") && ["/docker", "/volume", "/certs"].iter().all(|v| i.contains(v))));
+    assert!(runtime.iter().any(|i| i.starts_with("VOLUME") && ["/docker", "/volume", "/certs", "/snapshot"].iter().all(|v| i.contains(v))));
     assert!(runtime.iter().any(|i| i.starts_with("HEALTHCHECK") && i.contains(r#""dinv", "health""#)));
 }
 
