@@ -154,6 +154,10 @@ impl Control {
                         crate::info!("control channel: {e}");
                     }
                     crate::info!("control channel closed; reconnecting");
+                    // A closed channel (e.g. the transport reset of a resumed snapshot) is
+                    // worth retrying at once: the host is there.
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
                 }
                 Err(e) => {
                     if quiet == 0 {

@@ -767,47 +767,6 @@ impl Vm {
         Ok(threads)
     }
 
-    /// Pauses every vCPU, captures the KVM state, and continues in a fresh KVM VM restored
-    /// from it (see [`VmBuilder::relocate_after`]); returns how long the guest stood still.
-    fn relocate(&mut self, threads: &mut Vec<JoinHandle<Option<VcpuFd>>>) -> Result<Duration> {
-        let start = Instant::now();
-        self.exit.pause.store(true, Ordering::SeqCst);
-        let fds = join_vcpus(std::mem::take(threads));
-        self.exit.pause.store(false, Ordering::SeqCst);
-        if fds.len() != usize::from(self.vcpu_count) || self.exit.stop.load(Ordering::SeqCst) {
-            return Err(Error::Config("the guest ended while it was being paused".into()));
-        }
-        let msrs = crate::snapshot::msr_indices(&self.kvm)?;
-        let states = fds
-            .iter()
-            .map(|fd| crate::snapshot::VcpuState::capture(fd, &msrs))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let old = self.vm.take().ok_or_else(|| Error::Config("no KVM VM to capture".into()))?;
-        let machine = crate::snapshot::VmState::capture(&old)?;
-        tracing::info!(
-            "captured {} vCPU(s) ({} MSRs each, RIP {:#x}) and the irqchip/PIT/clock",
-            states.len(),
-            states[0].msrs.len(),
-            states[0].regs.rip
-        );
-        // Some hosts (PVM) allow one VM per process: the old one goes first.
-        drop(fds);
-        drop(old);
-        let vm = create_machine(&self.kvm, &self.mem)?;
-        self.wiring.apply(&vm)?;
-        machine.restore(&vm)?;
-        let count = states.len() as u8;
-        let mut fds = Vec::with_capacity(states.len());
-        for (id, state) in states.iter().enumerate() {
-            let fd = create_vcpu(&vm, &self.cpuid, id as u8, count)?;
-            state.restore(&fd)?;
-            fds.push(fd);
-        }
-        self.vm = Some(vm);
-        *threads = self.spawn_vcpus(fds)?;
-        Ok(start.elapsed())
-    }
-
     /// Guest memory (for embedding programs and tests).
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem

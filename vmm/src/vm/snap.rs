@@ -1,4 +1,5 @@
-//! Taking a snapshot of a running [`Vm`] and resuming one (file format: [`crate::snapshot`]).
+//! Taking a snapshot of a running [`Vm`], resuming one (file format: [`crate::snapshot`]), and
+//! moving a running guest into a fresh KVM VM (`relocate`, the snapshot path without files).
 //!
 //! Taking runs on the device event loop's thread, so no device works while the vCPUs are out
 //! of `KVM_RUN`: the guest memory, the disks and every queue are still. The same vCPUs then go
@@ -9,14 +10,14 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use devices::virtio::mmio::MmioTransport;
 
-use super::{create_vcpu, join_vcpus, Vm};
+use super::{create_machine, create_vcpu, join_vcpus, Vm};
 use crate::snapshot::{self, Snapshot, SnapshotError, SnapshotInfo, VcpuState, VmState, FORMAT_VERSION};
 
 /// A snapshot asked for through a [`crate::VmHandle`].
@@ -44,13 +45,7 @@ pub(super) fn restore_machine(
         )));
     }
     snap.vm.restore(vm)?;
-    let count = u8::try_from(snap.vcpus.len()).map_err(|_| SnapshotError::Device("too many vCPUs".into()))?;
-    let mut fds = Vec::with_capacity(snap.vcpus.len());
-    for (id, state) in snap.vcpus.iter().enumerate() {
-        let fd = create_vcpu(vm, cpuid, id as u8, count).map_err(|e| SnapshotError::Device(format!("vcpu{id}: {e}")))?;
-        state.restore(&fd)?;
-        fds.push(fd);
-    }
+    let fds = restore_vcpus(vm, cpuid, &snap.vcpus)?;
     for (i, (transport, saved)) in transports.iter().zip(&snap.transports).enumerate() {
         lock(transport)
             .restore(saved)
@@ -64,7 +59,59 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// New vCPUs of `vm` in the saved states.
+fn restore_vcpus(vm: &VmFd, cpuid: &CpuId, states: &[VcpuState]) -> Result<Vec<VcpuFd>, SnapshotError> {
+    let count = u8::try_from(states.len()).map_err(|_| SnapshotError::Device("too many vCPUs".into()))?;
+    let mut fds = Vec::with_capacity(states.len());
+    for (id, state) in states.iter().enumerate() {
+        let fd = create_vcpu(vm, cpuid, id as u8, count).map_err(|e| SnapshotError::Device(format!("vcpu{id}: {e}")))?;
+        state.restore(&fd)?;
+        fds.push(fd);
+    }
+    Ok(fds)
+}
+
 impl Vm {
+    /// Takes every vCPU out of `KVM_RUN` and its thread, its last exit completed.
+    fn pause_vcpus(&mut self, threads: &mut Vec<JoinHandle<Option<VcpuFd>>>) -> Result<Vec<VcpuFd>, SnapshotError> {
+        self.exit.pause.store(true, Ordering::SeqCst);
+        let fds = join_vcpus(std::mem::take(threads));
+        self.exit.pause.store(false, Ordering::SeqCst);
+        if fds.len() != usize::from(self.vcpu_count) || self.exit.stop.load(Ordering::SeqCst) {
+            return Err(SnapshotError::Unsupported("the guest ended while it was being paused".into()));
+        }
+        Ok(fds)
+    }
+
+    /// Pauses every vCPU, captures the KVM state, and continues in a fresh KVM VM restored
+    /// from it (see [`super::VmBuilder::relocate_after`]); returns how long the guest stood
+    /// still.
+    pub(super) fn relocate(&mut self, threads: &mut Vec<JoinHandle<Option<VcpuFd>>>) -> Result<Duration, SnapshotError> {
+        let start = Instant::now();
+        let fds = self.pause_vcpus(threads)?;
+        let msrs = snapshot::msr_indices(&self.kvm)?;
+        let states = fds.iter().map(|fd| VcpuState::capture(fd, &msrs)).collect::<Result<Vec<_>, _>>()?;
+        let old = self.vm.take().ok_or_else(|| SnapshotError::Unsupported("no KVM VM".into()))?;
+        let machine = VmState::capture(&old)?;
+        tracing::info!(
+            "captured {} vCPU(s) ({} MSRs each, RIP {:#x}) and the irqchip/PIT/clock",
+            states.len(),
+            states[0].msrs.len(),
+            states[0].regs.rip
+        );
+        // Some hosts (PVM) allow one VM per process: the old one goes first.
+        drop(fds);
+        drop(old);
+        let device = |e: crate::Error| SnapshotError::Device(e.to_string());
+        let vm = create_machine(&self.kvm, &self.mem).map_err(device)?;
+        self.wiring.apply(&vm).map_err(device)?;
+        machine.restore(&vm)?;
+        let fds = restore_vcpus(&vm, &self.cpuid, &states)?;
+        self.vm = Some(vm);
+        *threads = self.spawn_vcpus(fds).map_err(device)?;
+        Ok(start.elapsed())
+    }
+
     /// Pauses the vCPUs, writes the snapshot into `dir` (through a temporary directory beside
     /// it) and lets the same vCPUs go on, whatever happened.
     pub(super) fn take_snapshot(
@@ -82,12 +129,7 @@ impl Vm {
             });
         }
         let start = Instant::now();
-        self.exit.pause.store(true, Ordering::SeqCst);
-        let fds = join_vcpus(std::mem::take(threads));
-        self.exit.pause.store(false, Ordering::SeqCst);
-        if fds.len() != usize::from(self.vcpu_count) || self.exit.stop.load(Ordering::SeqCst) {
-            return Err(SnapshotError::Unsupported("the guest ended while it was being paused".into()));
-        }
+        let fds = self.pause_vcpus(threads)?;
         let result = self.write_snapshot(&fds, dir);
         match self.spawn_vcpus(fds) {
             Ok(t) => *threads = t,
