@@ -565,75 +565,19 @@ impl Vm {
         }
 
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Kvm)?;
-        if let Some(snap) = saved {
-            let vcpus = snap::restore_machine(&vm, &supported, &transports, &snap)?;
-            tracing::info!(
-                "resumed the snapshot in {} ({} vCPU(s), {} MiB)",
-                cfg.restore.as_deref().unwrap_or(std::path::Path::new("")).display(),
-                vcpu_count,
-                cfg.memory >> 20
-            );
-            return Ok(Vm {
-                kvm,
-                vm: Some(vm),
-                wiring,
-                cpuid: supported,
-                vcpu_count,
-                relocate_after: cfg.relocate_after,
-                spec,
-                disks,
-                has_shares,
-                serial,
-                requests: Arc::default(),
-                mem,
-                vcpus,
-                io: Arc::new(io),
-                events,
-                exit,
-                panicked,
-                profile: cfg.profile.map(|p| (p, Arc::default())),
-                transports,
-            });
-        }
-
-        // Kernel and boot information.
-        let kernel = loader::load_kernel(&mem, &kernel_path, cfg.entry)?;
-        let cmdline = loader::cmdline_from_str(&cmdline)?;
-        loader::write_boot_info(&mem, &kernel, &cmdline)?;
-        boot::mptable::write_mptable(&mem, vcpu_count)?;
-        tracing::info!(
-            "kernel {} entry {:#x} ({:?}), {} vCPU(s), {} MiB",
-            kernel_path.display(),
-            kernel.entry.raw_value(),
-            kernel.protocol,
-            vcpu_count,
-            cfg.memory >> 20
-        );
-
-        // vCPUs.
-        let mut vcpus = Vec::with_capacity(vcpu_count as usize);
-        for id in 0..vcpu_count {
-            let vcpu = create_vcpu(&vm, &supported, id, vcpu_count)?;
-            let entries = boot::cpu::boot_msrs();
-            let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Device(format!("MSRs: {e:?}")))?;
-            match vcpu.set_msrs(&msrs) {
-                Ok(n) if n == entries.len() => {}
-                Ok(n) => tracing::debug!("vcpu{id}: KVM took {n} of {} boot MSRs", entries.len()),
-                Err(e) => tracing::debug!("vcpu{id}: KVM_SET_MSRS: {e}"),
+        let vcpus = match saved {
+            Some(snap) => {
+                let vcpus = snap::restore_machine(&vm, &supported, &transports, &snap)?;
+                tracing::info!(
+                    "resumed the snapshot in {} ({} vCPU(s), {} MiB)",
+                    cfg.restore.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                    vcpu_count,
+                    cfg.memory >> 20
+                );
+                vcpus
             }
-            vcpu.set_fpu(&boot::cpu::boot_fpu()).map_err(Error::Kvm)?;
-            let mut lapic = vcpu.get_lapic().map_err(Error::Kvm)?;
-            boot::cpu::set_lint(&mut lapic);
-            vcpu.set_lapic(&lapic).map_err(Error::Kvm)?;
-            if id == 0 {
-                let sregs = vcpu.get_sregs().map_err(Error::Kvm)?;
-                let sregs = boot::cpu::boot_sregs(&mem, kernel.protocol, sregs)?;
-                vcpu.set_sregs(&sregs).map_err(Error::Kvm)?;
-                vcpu.set_regs(&boot::cpu::boot_regs(kernel.protocol, kernel.entry))
-                    .map_err(Error::Kvm)?;
-            }
-            vcpus.push(vcpu);
-        }
+            None => boot_vcpus(&vm, &mem, &supported, &kernel_path, cfg.entry, &cmdline, vcpu_count)?,
+        };
 
         Ok(Vm {
             kvm,
@@ -771,6 +715,53 @@ impl Vm {
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
     }
+}
+
+/// Loads the kernel, writes the boot information and creates the vCPUs in their boot state.
+fn boot_vcpus(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    supported: &CpuId,
+    kernel_path: &std::path::Path,
+    entry: EntryPreference,
+    cmdline: &str,
+    vcpu_count: u8,
+) -> Result<Vec<VcpuFd>> {
+    let kernel = loader::load_kernel(mem, kernel_path, entry)?;
+    let cmdline = loader::cmdline_from_str(cmdline)?;
+    loader::write_boot_info(mem, &kernel, &cmdline)?;
+    boot::mptable::write_mptable(mem, vcpu_count)?;
+    tracing::info!(
+        "kernel {} entry {:#x} ({:?}), {} vCPU(s), {} MiB",
+        kernel_path.display(),
+        kernel.entry.raw_value(),
+        kernel.protocol,
+        vcpu_count,
+        mem.iter().map(|r| r.len()).sum::<u64>() >> 20
+    );
+    let mut vcpus = Vec::with_capacity(vcpu_count as usize);
+    for id in 0..vcpu_count {
+        let vcpu = create_vcpu(vm, supported, id, vcpu_count)?;
+        let entries = boot::cpu::boot_msrs();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Device(format!("MSRs: {e:?}")))?;
+        match vcpu.set_msrs(&msrs) {
+            Ok(n) if n == entries.len() => {}
+            Ok(n) => tracing::debug!("vcpu{id}: KVM took {n} of {} boot MSRs", entries.len()),
+            Err(e) => tracing::debug!("vcpu{id}: KVM_SET_MSRS: {e}"),
+        }
+        vcpu.set_fpu(&boot::cpu::boot_fpu()).map_err(Error::Kvm)?;
+        let mut lapic = vcpu.get_lapic().map_err(Error::Kvm)?;
+        boot::cpu::set_lint(&mut lapic);
+        vcpu.set_lapic(&lapic).map_err(Error::Kvm)?;
+        if id == 0 {
+            let sregs = vcpu.get_sregs().map_err(Error::Kvm)?;
+            let sregs = boot::cpu::boot_sregs(mem, kernel.protocol, sregs)?;
+            vcpu.set_sregs(&sregs).map_err(Error::Kvm)?;
+            vcpu.set_regs(&boot::cpu::boot_regs(kernel.protocol, kernel.entry)).map_err(Error::Kvm)?;
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
 }
 
 /// Kicks vCPU threads until every one has left `KVM_RUN` (a kick can race with entry, so it is
