@@ -460,7 +460,13 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
     readable("kernel", &cfg.kernel)?;
     readable("root filesystem", &cfg.rootfs)?;
     let mut plan = snapshots::plan(&cfg);
+    // Held while this start reads the snapshot (until its memory is mapped).
+    let mut snapshot_lock = None;
     if let snapshots::Plan::Resume(dir) = &plan {
+        match snapshots::lock(dir, false) {
+            Ok(l) => snapshot_lock = Some(l),
+            Err(e) => tracing::warn!("cannot lock the snapshot in {}: {e}", dir.display()),
+        }
         if let Err(e) = snapshots::install(&cfg, dir) {
             tracing::warn!("cannot use the snapshot in {}: {e}; booting", dir.display());
             snapshots::uninstall(&cfg);
@@ -545,6 +551,7 @@ pub fn run(cfg: DaemonConfig) -> Result<VmExit, DaemonError> {
         }
     }
     let vm = builder.build()?;
+    drop(snapshot_lock);
     let handle = vm.handle();
 
     // Control channel: readiness and shutdown.

@@ -69,6 +69,38 @@ pub fn plan(cfg: &DaemonConfig) -> Plan {
     }
 }
 
+/// An advisory lock beside a snapshot directory (`.NAME.lock` in its parent): shared while a
+/// start reads the snapshot (state, disks, memory mapping), exclusive while a save swaps a new
+/// one in — CI runners that share one snapshot volume must never resume half of one snapshot
+/// and half of another. Released on drop.
+#[derive(Debug)]
+pub struct SnapshotLock(#[allow(dead_code)] fs::File);
+
+/// Takes the lock of `dir` (blocking).
+pub fn lock(dir: &Path, exclusive: bool) -> io::Result<SnapshotLock> {
+    use std::os::fd::AsRawFd;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent)?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "snapshot".into());
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(parent.join(format!(".{name}.lock")))?;
+    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(SnapshotLock(file));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Puts the snapshot's docker disk (and volume) where the configuration wants them.
 pub fn install(cfg: &DaemonConfig, dir: &Path) -> Result<(), SnapshotError> {
     let mut targets = vec![(DOCKER_DISK, &cfg.docker_image)];
@@ -109,6 +141,7 @@ pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotInfo, SnapshotError
     let fresh = parent.join(format!(".{name}.new-{}", std::process::id()));
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     let info = handle.snapshot(&fresh)?;
+    let _lock = lock(dir, true).map_err(io_err(dir))?;
     if dir.exists() {
         fs::rename(dir, &old).map_err(io_err(dir))?;
     }
@@ -158,6 +191,34 @@ mod tests {
         fs::remove_file(&cfg.docker_image).unwrap();
         cfg.snapshot = None;
         assert_eq!(plan(&cfg), Plan::Off);
+    }
+
+    #[test]
+    fn readers_share_the_lock_and_a_swap_waits_for_them() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("snap");
+        let a = lock(&snap, false).unwrap();
+        let b = lock(&snap, false).unwrap();
+        let probe = fs::File::open(dir.path().join(".snap.lock")).unwrap();
+        // SAFETY: flock on an fd we own.
+        let try_ex = || unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_ne!(try_ex(), 0, "a save must wait for readers");
+        drop((a, b));
+        assert_eq!(try_ex(), 0);
+        // SAFETY: as above.
+        unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_UN) };
+        let w = lock(&snap, true).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let snap2 = snap.clone();
+        let reader = std::thread::spawn(move || {
+            let _r = lock(&snap2, false).unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(200)).is_err(), "a reader must wait for a swap");
+        drop(w);
+        rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        reader.join().unwrap();
     }
 
     #[test]
