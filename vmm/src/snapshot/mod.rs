@@ -42,6 +42,9 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const STATE_FILE: &str = "state";
 /// The memory file's name.
 pub const MEMORY_FILE: &str = "memory";
+/// Largest `state` file read: far above a real one (~11 KiB per vCPU and device set), so a
+/// corrupt length prefix is an error, not a huge allocation.
+const STATE_LIMIT: u64 = 16 << 20;
 /// Granularity of holes in the memory file.
 const CHUNK: usize = 64 << 10;
 static ZEROS: [u8; CHUNK] = [0; CHUNK];
@@ -168,24 +171,38 @@ pub struct Snapshot {
     pub saved_disks: Vec<usize>,
 }
 
+/// The `state` file's encoding: fixed-width integers, at most [`STATE_LIMIT`] bytes.
+fn codec() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new().with_fixint_encoding().allow_trailing_bytes().with_limit(STATE_LIMIT)
+}
+
 impl Snapshot {
     /// Reads `dir/state`.
     pub fn load(dir: &Path) -> Result<Self, SnapshotError> {
+        use bincode::Options;
         let path = dir.join(STATE_FILE);
+        let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+        if len > STATE_LIMIT {
+            return Err(SnapshotError::Format { path, reason: format!("{len} bytes") });
+        }
         let bytes = std::fs::read(&path).map_err(io_err(&path))?;
         // The version comes first; check it before decoding the rest.
-        let version: u32 = bincode::deserialize(&bytes)
+        let version: u32 = codec()
+            .deserialize(&bytes)
             .map_err(|e| SnapshotError::Format { path: path.clone(), reason: e.to_string() })?;
         if version != FORMAT_VERSION {
             return Err(SnapshotError::Format { path, reason: format!("format {version}") });
         }
-        bincode::deserialize(&bytes).map_err(|e| SnapshotError::Format { path, reason: e.to_string() })
+        codec().deserialize(&bytes).map_err(|e| SnapshotError::Format { path, reason: e.to_string() })
     }
 
     /// Writes `dir/state` and flushes it.
     pub fn store(&self, dir: &Path) -> Result<(), SnapshotError> {
+        use bincode::Options;
         let path = dir.join(STATE_FILE);
-        let bytes = bincode::serialize(self)
+        let bytes = codec()
+            .serialize(self)
             .map_err(|e| SnapshotError::Format { path: path.clone(), reason: e.to_string() })?;
         let file = File::create(&path).map_err(io_err(&path))?;
         file.write_all_at(&bytes, 0).map_err(io_err(&path))?;

@@ -81,6 +81,35 @@ fn state_file_checks_its_format_version() {
     std::fs::write(&path, bincode::serialize(&FORMAT_VERSION).unwrap()).unwrap();
     assert!(matches!(Snapshot::load(dir.path()).unwrap_err(), SnapshotError::Format { .. }));
     assert!(matches!(Snapshot::load(&dir.path().join("none")).unwrap_err(), SnapshotError::Io { .. }));
+    // A length prefix claiming 2^60 elements is refused, not allocated.
+    let mut huge = bincode::serialize(&FORMAT_VERSION).unwrap();
+    huge.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    std::fs::write(&path, huge).unwrap();
+    assert!(matches!(Snapshot::load(dir.path()).unwrap_err(), SnapshotError::Format { .. }));
+}
+
+#[test]
+fn state_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = Snapshot {
+        version: FORMAT_VERSION,
+        machine: spec(),
+        regions: vec![(0, 64 << 20)],
+        vcpus: Vec::new(),
+        vm: VmState {
+            irqchips: [kvm_bindings::kvm_irqchip::default(); 3],
+            pit: kvm_bindings::kvm_pit_state2::default(),
+            clock: kvm_bindings::kvm_clock_data { clock: 42, ..Default::default() },
+        },
+        serial: SerialSnapshot { line_control: 3, in_buffer: vec![1, 2], ..Default::default() },
+        transports: Vec::new(),
+        saved_disks: vec![1, 2],
+    };
+    snap.store(dir.path()).unwrap();
+    let back = Snapshot::load(dir.path()).unwrap();
+    assert_eq!(back.machine, snap.machine);
+    assert_eq!((back.regions, back.saved_disks, back.vm.clock.clock), (snap.regions, snap.saved_disks, 42));
+    assert_eq!(back.serial, snap.serial);
 }
 
 #[test]
