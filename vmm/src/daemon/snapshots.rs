@@ -79,9 +79,8 @@ pub struct SnapshotLock(#[allow(dead_code)] fs::File);
 /// Takes the lock of `dir` (blocking).
 pub fn lock(dir: &Path, exclusive: bool) -> io::Result<SnapshotLock> {
     use std::os::fd::AsRawFd;
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (parent, name) = snapshot::parent_and_name(dir);
     fs::create_dir_all(parent)?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "snapshot".into());
     let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -135,9 +134,8 @@ pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotInfo, SnapshotError
         let path = path.to_path_buf();
         move |source| SnapshotError::Io { path, source }
     };
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (parent, name) = snapshot::parent_and_name(dir);
     fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "snapshot".into());
     let fresh = parent.join(format!(".{name}.new-{}", std::process::id()));
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     let info = handle.snapshot(&fresh)?;

@@ -236,6 +236,14 @@ impl std::fmt::Display for SnapshotInfo {
     }
 }
 
+/// The directory a snapshot directory `dir` lives in, and `dir`'s name: its temporary and lock
+/// files are hidden siblings (`.NAME.…`), on the same filesystem so a rename swaps them in.
+pub fn parent_and_name(dir: &Path) -> (&Path, String) {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dir.file_name().map_or_else(|| "snapshot".into(), |n| n.to_string_lossy().into_owned());
+    (parent, name)
+}
+
 /// The file of the `index`th disk in a snapshot directory.
 pub fn disk_file(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("disk-{index}.img"))

@@ -152,8 +152,7 @@ impl Vm {
         let serial = lock(&self.serial).snapshot();
         let transports = self.transports.iter().map(|t| lock(t).snapshot()).collect();
 
-        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (parent, name) = snapshot::parent_and_name(dir);
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}.partial-"))
             .tempdir_in(parent)
