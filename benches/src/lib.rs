@@ -30,3 +30,30 @@ pub fn qemu_microvm(kernel: &Path, mem: &str, append: &str, rootfs: &Path) -> Ve
     .map(|s| s.to_string())
     .collect()
 }
+
+/// CPU time (ns) the threads of process `pid` have run so far, split into vCPU threads (dinv's
+/// `vcpuN`, QEMU's `CPU N/KVM`: the guest runs inside them) and all others (the VMM's own work:
+/// device emulation, the 9P server, the network stack, QEMU's main loop and workers).
+/// Threads that ended are not counted; benchmarks compare deltas over steps where the
+/// VMM's threads live throughout.
+pub fn thread_cpu_ns(pid: u32) -> std::io::Result<(u64, u64)> {
+    let (mut vcpu, mut other) = (0u64, 0u64);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        // A thread may end between listing and reading: skip it.
+        let (Ok(comm), Ok(sched)) =
+            (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("schedstat")))
+        else {
+            continue;
+        };
+        // schedstat: time on CPU (ns), time waiting, timeslices.
+        let ns: u64 = sched.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let comm = comm.trim_end();
+        if comm.starts_with("vcpu") || comm.ends_with("/KVM") {
+            vcpu += ns;
+        } else {
+            other += ns;
+        }
+    }
+    Ok((vcpu, other))
+}

@@ -5,7 +5,8 @@
 //! device hands it a descriptor chain's reader/writer, tests hand it byte
 //! slices. The protocol is 9P2000.L as described in diod's `protocol.md` and
 //! implemented by the Linux client (`net/9p`, `fs/9p`); the wire codec lives in
-//! [`wire`].
+//! [`wire`]. [`Server::handle_direct`] serves a transport that implements
+//! [`DirectIo`] without copying file data through the server.
 //!
 //! ```
 //! use p9::wire::{Rmessage, Tmessage};
@@ -85,6 +86,34 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 pub use server::Server;
+
+/// File data moved straight between a host file and a transport's own buffers.
+///
+/// A transport whose messages live in memory the kernel can reach (virtio: descriptor
+/// chains in guest memory) implements this, and serves with [`Server::handle_direct`]:
+/// a `Twrite` payload then goes from the request to the file with one `pwritev`, and an
+/// `Rread`'s data from the file into the reply with one `preadv`, never through the
+/// server's buffers. Positions are byte offsets in the whole request / reply message.
+pub trait DirectIo {
+    /// Write request bytes `at..at + len` to `fd` at file offset `offset`. Returns the
+    /// bytes written (fewer on a short write).
+    fn request_to_file(
+        &mut self,
+        at: usize,
+        len: usize,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+    ) -> io::Result<usize>;
+    /// Read up to `len` bytes of `fd` at file offset `offset` into reply bytes `at..`
+    /// (bounded by the room the reply has). Returns the bytes read (fewer at end of file).
+    fn file_to_reply(
+        &mut self,
+        at: usize,
+        len: usize,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+    ) -> io::Result<usize>;
+}
 
 /// Smallest msize the server negotiates.
 pub const MIN_MSIZE: u32 = 4096;

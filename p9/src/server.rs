@@ -17,7 +17,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::fid::{self, Fid, FidKind, Loc, PathFid};
 use crate::wire::{self, qt, Encoder, Qid, Rmessage, Tmessage, HEADER_LEN};
-use crate::{sys, Config, Errno, Error, Ownership, MAX_MSIZE, MIN_MSIZE};
+use crate::{sys, Config, DirectIo, Errno, Error, Ownership, MAX_MSIZE, MIN_MSIZE};
+
+/// A Twrite's body before its data: fid[4] offset[8] count[4].
+const TWRITE_FIXED_LEN: usize = wire::TWRITE_HEADER_LEN - HEADER_LEN;
 
 /// Deepest directory chain checked when verifying that `..` stays inside.
 const MAX_DEPTH: usize = 4096;
@@ -97,12 +100,35 @@ impl Server {
     /// Returns `Err` only when the transport fails or the message is too short
     /// to carry a tag; every other problem is answered with an `Rlerror`.
     pub fn handle_message(&self, r: &mut impl Read, w: &mut impl Write) -> io::Result<()> {
+        self.handle(r, w, None).map(|_| ())
+    }
+
+    /// [`Server::handle_message`] for a transport whose buffers `direct` reaches: `Twrite`
+    /// payloads and `Rread` data move between the file and those buffers directly. `r` and
+    /// `w` read and write the same message's buffers (headers, every other message).
+    /// Returns the length of the R-message, which includes data `direct` placed after the
+    /// bytes written through `w`.
+    pub fn handle_direct(
+        &self,
+        r: &mut impl Read,
+        w: &mut impl Write,
+        direct: &mut impl DirectIo,
+    ) -> io::Result<usize> {
+        self.handle(r, w, Some(direct))
+    }
+
+    fn handle(
+        &self,
+        r: &mut impl Read,
+        w: &mut impl Write,
+        direct: Option<&mut dyn DirectIo>,
+    ) -> io::Result<usize> {
         SCRATCH.with(|s| match s.try_borrow_mut() {
             Ok(mut s) => {
                 let Scratch { req, resp } = &mut *s;
-                self.handle_with(req, resp, r, w)
+                self.handle_with(req, resp, r, w, direct)
             }
-            Err(_) => self.handle_with(&mut Vec::new(), &mut Vec::new(), r, w),
+            Err(_) => self.handle_with(&mut Vec::new(), &mut Vec::new(), r, w, direct),
         })
     }
 
@@ -112,7 +138,8 @@ impl Server {
         resp: &mut Vec<u8>,
         r: &mut impl Read,
         w: &mut impl Write,
-    ) -> io::Result<()> {
+        mut direct: Option<&mut dyn DirectIo>,
+    ) -> io::Result<usize> {
         let mut hdr = [0u8; HEADER_LEN];
         if let Err(e) = r.read_exact(&mut hdr) {
             return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -129,6 +156,8 @@ impl Server {
         let tag = u16::from_le_bytes([hdr[5], hdr[6]]);
         resp.clear();
         let body_len = (size as usize).checked_sub(HEADER_LEN);
+        // File data `direct` placed in the reply after `resp`.
+        let mut placed = 0;
         let result = match body_len {
             None => Err(Errno(wire::WireError::SizeTooSmall(size).errno() as i32)),
             Some(_) if size > self.msize() => {
@@ -138,25 +167,67 @@ impl Server {
                 if req.len() < n {
                     req.resize(n, 0);
                 }
-                match r.read_exact(&mut req[..n]) {
-                    Ok(()) => match Tmessage::decode(ty, &req[..n]) {
-                        Ok(m) => self.dispatch(tag, m, resp),
-                        Err(e) => Err(e.into()),
-                    },
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Errno(libc::EPROTO)),
-                    Err(e) => return Err(e),
+                // With a direct transport, a Twrite's payload stays where it is: read only
+                // its fixed part.
+                let direct_write =
+                    ty == wire::msg::TWRITE && n >= TWRITE_FIXED_LEN && direct.is_some();
+                let first = if direct_write { TWRITE_FIXED_LEN } else { n };
+                match read_body(r, &mut req[..first])? {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        let served = match direct.as_deref_mut() {
+                            Some(d) if direct_write => self.write_direct(&req[..first], n, d),
+                            _ => None,
+                        };
+                        match served {
+                            Some(reply) => reply.and_then(|m| Ok(m.encode(tag, resp).map(drop)?)),
+                            // Not a well-formed Twrite, or no direct transport: decode it all.
+                            None => match read_body(r, &mut req[first..n])? {
+                                Err(e) => Err(e),
+                                Ok(()) => self.decode_and_dispatch(
+                                    ty,
+                                    tag,
+                                    &req[..n],
+                                    resp,
+                                    direct,
+                                    &mut placed,
+                                ),
+                            },
+                        }
+                    }
                 }
             }
         };
         if let Err(Errno(e)) = result {
             tracing::debug!(ty, tag, errno = e, "9p request failed");
             resp.clear();
+            placed = 0;
             Rmessage::Lerror { ecode: e as u32 }
                 .encode(tag, resp)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         }
         w.write_all(resp)?;
-        w.flush()
+        w.flush()?;
+        Ok(resp.len() + placed)
+    }
+
+    fn decode_and_dispatch(
+        &self,
+        ty: u8,
+        tag: u16,
+        body: &[u8],
+        resp: &mut Vec<u8>,
+        direct: Option<&mut dyn DirectIo>,
+        placed: &mut usize,
+    ) -> Result<(), Errno> {
+        let m = Tmessage::decode(ty, body)?;
+        if let (Tmessage::Read { fid, offset, count }, Some(d)) = (&m, direct) {
+            if let Some(n) = self.read_direct(tag, *fid, *offset, *count, resp, d)? {
+                *placed = n;
+                return Ok(());
+            }
+        }
+        self.dispatch(tag, m, resp)
     }
 
     fn dispatch(&self, tag: u16, m: Tmessage<'_>, resp: &mut Vec<u8>) -> Result<(), Errno> {
@@ -399,8 +470,24 @@ impl Server {
 
 /// Patch count and size of a reply started with [`Server::begin_data`].
 pub(crate) fn finish_data(resp: &mut [u8]) {
-    let len = resp.len();
-    let count = (len - wire::RREAD_HEADER_LEN) as u32;
-    resp[..4].copy_from_slice(&(len as u32).to_le_bytes());
-    resp[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&count.to_le_bytes());
+    let count = resp.len() - wire::RREAD_HEADER_LEN;
+    finish_data_with(&mut resp[..wire::RREAD_HEADER_LEN], count);
+}
+
+/// Patch count and size of a reply header started with [`Server::begin_data`] whose
+/// `count` data bytes follow it elsewhere (placed by a [`DirectIo`] transport).
+pub(crate) fn finish_data_with(header: &mut [u8], count: usize) {
+    let len = wire::RREAD_HEADER_LEN + count;
+    header[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    header[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(count as u32).to_le_bytes());
+}
+
+/// Read exactly `buf.len()` bytes of a message body. A body shorter than its size is
+/// answered (`EPROTO`); any other failure of the transport is returned.
+fn read_body(r: &mut impl Read, buf: &mut [u8]) -> io::Result<Result<(), Errno>> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(Ok(())),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Err(Errno(libc::EPROTO))),
+        Err(e) => Err(e),
+    }
 }

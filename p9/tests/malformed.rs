@@ -14,9 +14,17 @@ fn frame(ty: u8, tag: u16, body: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Send raw bytes, expect an `Rlerror` with `tag`; returns the errno.
+/// Send raw bytes, expect an `Rlerror` with `tag`; returns the errno. The direct and the
+/// copying paths must give the same answer.
 fn lerror(c: &Client, bytes: &[u8], tag: u16) -> i32 {
     let out = c.raw(bytes).expect("a readable tag must get an answer");
+    let copied = c
+        .raw_copying(bytes)
+        .expect("a readable tag must get an answer");
+    assert_eq!(
+        out, copied,
+        "direct and copying paths answer {bytes:?} differently"
+    );
     let (t, m) = Rmessage::decode_frame(&out).unwrap();
     assert_eq!(t, tag);
     match m {
@@ -34,6 +42,8 @@ fn too_short_for_a_tag_is_an_io_error() {
     let mut c = Client::attached();
     for bytes in [&[][..], &[9, 0, 0], &[7, 0, 0, 0, 100, 1]] {
         let e = c.raw(bytes).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        let e = c.raw_copying(bytes).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
     }
     still_serving(&mut c);
@@ -304,11 +314,14 @@ fn random_frames_never_break_the_server() {
             body[0] = 1; // often a valid fid
         }
         let f = frame(ty, 5, &body);
+        // Alternate the direct and the copying path.
+        c.direct = next() % 2 == 0;
         let out = c.raw(&f).unwrap();
         let (tag, _) = Rmessage::decode_frame(&out).expect("malformed reply");
         assert_eq!(tag, 5);
     }
     // Re-attach in case the random stream clunked the root fid.
+    c.direct = true;
     let _ = c.clunk(ROOT);
     c.attach(ROOT, b"").unwrap();
     still_serving(&mut c);

@@ -160,6 +160,51 @@ fn big_reads_and_writes_use_the_whole_msize() {
     assert_eq!(back[0], data[0]);
 }
 
+/// The copying path (`handle_message`) and the direct one (`handle_direct`, the default of
+/// the test client) give byte-identical replies and files for the same I/O.
+#[test]
+fn copying_and_direct_paths_agree() {
+    let data: Vec<u8> = (0..(600u32 << 10))
+        .map(|i| (i * 13 + i / 511) as u8)
+        .collect();
+    let mut replies = Vec::new();
+    let mut files = Vec::new();
+    for copying in [false, true] {
+        let mut c = Client::new();
+        if copying {
+            c = c.copying();
+        }
+        c.version(256 << 10);
+        c.attach(ROOT, b"").unwrap();
+        std::fs::write(c.export().join("f"), &data).unwrap();
+        c.walk_to(2, "f").unwrap();
+        c.lopen(2, oflags::RDWR).unwrap();
+        let mut out = Vec::new();
+        for (offset, count) in [
+            (0u64, 100u32),
+            (5000, 200_000),
+            (590 << 10, 65536),
+            (700 << 10, 10),
+            (1, u32::MAX),
+        ] {
+            out.push(c.read(2, offset, count).unwrap());
+        }
+        for (offset, len) in [(3u64, 1000usize), (650 << 10, 100_000), (0, 0)] {
+            out.push(
+                c.write(2, offset, &data[..len])
+                    .unwrap()
+                    .to_le_bytes()
+                    .to_vec(),
+            );
+        }
+        replies.push(out);
+        files.push(std::fs::read(c.export().join("f")).unwrap());
+    }
+    assert_eq!(replies[0], replies[1]);
+    assert_eq!(files[0], files[1]);
+    assert_eq!(files[0].len(), (650 << 10) + 100_000);
+}
+
 #[test]
 fn lcreate_creates_and_opens() {
     let mut c = Client::attached();

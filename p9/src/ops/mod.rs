@@ -14,10 +14,11 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use crate::fid::{self, Fid, FidKind, Loc, OpenFile, PathFid};
-use crate::server::{finish_data, Server};
+use crate::server::{finish_data, finish_data_with, Server};
 use crate::wire::{
     self, lock, msg, oflags, Dirent, Qid, Rgetlock, Rmessage, Tgetlock, Tlock, Tmessage,
 };
+use crate::DirectIo;
 use crate::{sys, Errno, Ownership};
 
 /// `DT_*` values of `getdents64`.
@@ -253,13 +254,67 @@ impl Server {
     }
 
     fn write(&self, fid: u32, offset: u64, data: &[u8]) -> Result<Rmessage<'static>, Errno> {
+        self.write_with(fid, |fd| sys::pwrite(fd, data, offset))
+    }
+
+    /// `Twrite` whose payload `io` writes to the fid's open file.
+    fn write_with(
+        &self,
+        fid: u32,
+        io: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<usize>,
+    ) -> Result<Rmessage<'static>, Errno> {
         if self.read_only {
             return Err(erofs());
         }
         let f = self.get(fid)?;
         let open = f.path()?.opened()?;
-        let n = sys::pwrite(open.fd.as_fd(), data, offset)?;
+        let n = io(open.fd.as_fd())?;
         Ok(Rmessage::Write { count: n as u32 })
+    }
+
+    /// `Twrite` with the payload left in the transport's buffers: `fixed` is the body's
+    /// fid, offset and count, `body_len` the whole body's length. `None` when the count does
+    /// not match the body (the codec then answers as for any malformed message).
+    pub(crate) fn write_direct(
+        &self,
+        fixed: &[u8],
+        body_len: usize,
+        direct: &mut dyn DirectIo,
+    ) -> Option<Result<Rmessage<'static>, Errno>> {
+        let mut d = wire::Decoder::new(fixed);
+        let (fid, offset, count) = (d.u32().ok()?, d.u64().ok()?, d.u32().ok()?);
+        if count as usize != body_len.checked_sub(fixed.len())? {
+            return None;
+        }
+        Some(self.write_with(fid, |fd| {
+            direct.request_to_file(wire::TWRITE_HEADER_LEN, count as usize, fd, offset)
+        }))
+    }
+
+    /// `Tread` with the data read straight into the transport's reply buffers: `resp`
+    /// gets the `Rread` header, the data follows it there. Returns the data's length, or
+    /// `None` for a fid whose data is not a file (xattrs: served from memory as usual).
+    pub(crate) fn read_direct(
+        &self,
+        tag: u16,
+        fid: u32,
+        offset: u64,
+        count: u32,
+        resp: &mut Vec<u8>,
+        direct: &mut dyn DirectIo,
+    ) -> Result<Option<usize>, Errno> {
+        let f = self.get(fid)?;
+        let FidKind::Path(pf) = &f.kind else {
+            return Ok(None);
+        };
+        let open = pf.opened()?;
+        let count = (count as usize).min(self.max_payload());
+        let n = direct
+            .file_to_reply(wire::RREAD_HEADER_LEN, count, open.fd.as_fd(), offset)?
+            .min(count);
+        Self::begin_data(msg::RREAD, tag, resp);
+        finish_data_with(resp, n);
+        Ok(Some(n))
     }
 
     fn remove(&self, fid: u32) -> Result<Rmessage<'static>, Errno> {

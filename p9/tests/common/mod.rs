@@ -1,8 +1,15 @@
 //! A small 9P2000.L test client: encodes T-messages with `p9::wire`, passes
-//! them through `Server::handle_message` and decodes the R-messages.
+//! them through the server and decodes the R-messages. By default a message goes through
+//! `Server::handle_direct` with a transport that keeps file data in its own buffers (as
+//! virtio-9p does with guest memory); `Client::copying` uses `Server::handle_message`.
 #![allow(dead_code)]
 
+use std::cell::RefCell;
+use std::io::{self, Write};
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use p9::wire::{self, Dirent, Qid, Rgetattr, Rmessage, Tmessage};
 use p9::{Config, Server};
@@ -40,6 +47,8 @@ pub struct Client {
     pub srv: Server,
     pub tmp: tempfile::TempDir,
     tag: u16,
+    /// Serve through `handle_direct` (default) or `handle_message`.
+    pub direct: bool,
 }
 
 impl Client {
@@ -55,11 +64,21 @@ impl Client {
         let mut cfg = Config::new(tmp.path().join("export"));
         f(&mut cfg);
         let srv = Server::new(cfg).unwrap();
-        Client { srv, tmp, tag: 0 }
+        Client {
+            srv,
+            tmp,
+            tag: 0,
+            direct: true,
+        }
     }
 
     pub fn from_server(srv: Server, tmp: tempfile::TempDir) -> Self {
-        Client { srv, tmp, tag: 0 }
+        Client {
+            srv,
+            tmp,
+            tag: 0,
+            direct: true,
+        }
     }
 
     /// Version + attach `ROOT`.
@@ -78,7 +97,36 @@ impl Client {
         self.tmp.path().join("outside")
     }
 
+    /// The same fixture serving through `Server::handle_message` (file data copied).
+    pub fn copying(mut self) -> Self {
+        self.direct = false;
+        self
+    }
+
     pub fn raw(&self, frame: &[u8]) -> std::io::Result<Vec<u8>> {
+        if !self.direct {
+            return self.raw_copying(frame);
+        }
+        let reply = Rc::new(RefCell::new(vec![0u8; self.srv.msize() as usize]));
+        let mut direct = Direct {
+            request: frame.to_vec(),
+            reply: reply.clone(),
+        };
+        let mut w = SharedWriter {
+            buf: reply.clone(),
+            pos: 0,
+        };
+        let len = self
+            .srv
+            .handle_direct(&mut &frame[..], &mut w, &mut direct)?;
+        let mut out = reply.borrow().clone();
+        assert!(len <= out.len(), "reply length {len} beyond the buffer");
+        out.truncate(len);
+        Ok(out)
+    }
+
+    /// `raw` through `Server::handle_message`.
+    pub fn raw_copying(&self, frame: &[u8]) -> std::io::Result<Vec<u8>> {
         let mut r = frame;
         let mut out = Vec::new();
         self.srv.handle_message(&mut r, &mut out)?;
@@ -314,4 +362,74 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, u64)> {
     }
     out.sort();
     out
+}
+
+/// A transport with the message in its own buffers: the request bytes, and a reply buffer
+/// of msize bytes that `SharedWriter` (headers) and `Direct` (file data) both fill.
+struct Direct {
+    request: Vec<u8>,
+    reply: Rc<RefCell<Vec<u8>>>,
+}
+
+fn file(fd: BorrowedFd<'_>) -> std::fs::File {
+    std::fs::File::from(fd.try_clone_to_owned().expect("dup"))
+}
+
+impl p9::DirectIo for Direct {
+    fn request_to_file(
+        &mut self,
+        at: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let data = self
+            .request
+            .get(at..at + len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EPROTO))?;
+        file(fd).write_at(data, offset)
+    }
+
+    fn file_to_reply(
+        &mut self,
+        at: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let mut reply = self.reply.borrow_mut();
+        let end = at.saturating_add(len).min(reply.len());
+        let Some(room) = reply.get_mut(at..end) else {
+            return Ok(0);
+        };
+        let f = file(fd);
+        let mut done = 0;
+        while done < room.len() {
+            match f.read_at(&mut room[done..], offset + done as u64)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// Writes at its position into the shared reply buffer, never past its end.
+struct SharedWriter {
+    buf: Rc<RefCell<Vec<u8>>>,
+    pos: usize,
+}
+
+impl Write for SharedWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut buf = self.buf.borrow_mut();
+        let n = data.len().min(buf.len().saturating_sub(self.pos));
+        buf[self.pos..self.pos + n].copy_from_slice(&data[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }

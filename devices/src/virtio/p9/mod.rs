@@ -12,6 +12,8 @@
 //!   `event_manager::MutEventSubscriber`. Events: the internal activate EventFd (registered at
 //!   `init`), then, once the guest activates the device, the queue EventFd and the worker
 //!   pool's completion EventFd.
+//! - [`direct`]: [`direct::ChainIo`], the chain's guest buffers as iovecs: `Twrite` payloads
+//!   and `Rread` data move between host files and guest memory with one `pwritev`/`preadv`.
 //! - [`worker`]: the worker pool. Filesystem calls block (fsync, large reads), so the event
 //!   loop only pops chains and queues them; N worker threads serve them concurrently and hand
 //!   `(head, len)` back through a list plus an EventFd; the event loop adds the used entries
@@ -24,6 +26,7 @@
 //! starts a fresh 9P session (a new [`p9::Server`] with an empty fid table).
 
 pub mod device;
+pub mod direct;
 pub mod worker;
 
 #[cfg(test)]
@@ -37,9 +40,12 @@ pub use device::P9Device;
 /// Feature bit: the configuration space holds a mount tag (virtio 1.2 §5.7.3).
 /// `virtio-bindings` 0.2 has no `virtio_9p` module, hence the local constant.
 pub const VIRTIO_9P_MOUNT_TAG: u32 = 0;
-/// Queue size. The Linux driver uses indirect descriptors for its up-to-128-entry
-/// scatter lists, so each request takes one slot.
-pub const QUEUE_SIZE: u16 = 256;
+/// Queue size. The Linux driver submits each request as one indirect descriptor whose
+/// table holds its whole scatter list: up to 128 entries in stock kernels (msize 512000),
+/// 1027 in dinv's guest kernel (patch 0006: msize 4 MiB = 1024 pages + 3). A chain may not
+/// be longer than the queue (virtio 1.2 §2.7.5.3.1), hence 2048 (split rings are a power
+/// of two). The guest allocates ~56 KiB for a ring this size.
+pub const QUEUE_SIZE: u16 = 2048;
 /// Longest mount tag: `tag_len` is a 16-bit field.
 pub const MAX_TAG_LEN: usize = u16::MAX as usize;
 /// Worker threads when [`P9Config::workers`] is 0.

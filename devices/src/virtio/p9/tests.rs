@@ -460,6 +460,136 @@ fn session_round_trip() {
     );
 }
 
+/// Reads and writes move file data with `preadv`/`pwritev` straight on the guest buffers
+/// (`direct::ChainIo`): scatter lists longer than one syscall's `IOV_MAX` (1024), a reply
+/// with less room than asked for, and a chain holding less payload than its message says.
+#[test]
+fn direct_io_over_long_scatter_lists() {
+    let mut h = Harness::new(2);
+    h.session();
+    let r = h.rpc(
+        4,
+        &Tmessage::Lcreate {
+            fid: 0,
+            name: b"scatter.bin",
+            flags: 2, // O_RDWR
+            mode: 0o644,
+            gid: 0,
+        },
+    );
+    assert!(matches!(decode(&r), Rmessage::Lcreate { .. }), "{r:?}");
+
+    // A 1100-piece Twrite: the payload in 256-byte descriptors, gaps between them.
+    let payload: Vec<u8> = (0..1100u32 * 256).map(|i| (i % 253) as u8).collect();
+    let mut twrite = Vec::new();
+    Tmessage::Write {
+        fid: 0,
+        offset: 7,
+        data: &payload,
+    }
+    .encode(5, &mut twrite)
+    .unwrap();
+    let hdr_len = ::p9::wire::TWRITE_HEADER_LEN;
+    let (req, resp) = h.slot();
+    h.mem
+        .write_slice(&twrite[..hdr_len], GuestAddress(req))
+        .unwrap();
+    let mut descs = vec![(req, hdr_len as u32, R)];
+    for (i, piece) in payload.chunks(256).enumerate() {
+        let at = req + 0x1000 + i as u64 * 512;
+        h.mem.write_slice(piece, GuestAddress(at)).unwrap();
+        descs.push((at, 256, R));
+    }
+    descs.push((resp, 64, W));
+    h.add_indirect(&descs);
+    h.kick();
+    let used = h.wait_used(1);
+    assert_eq!(
+        decode(&h.reply_at(resp, used[0].1)),
+        Rmessage::Write {
+            count: payload.len() as u32
+        }
+    );
+    let on_disk = std::fs::read(h.dir.path().join("scatter.bin")).unwrap();
+    assert_eq!(on_disk.len(), 7 + payload.len());
+    assert_eq!(&on_disk[7..], &payload[..]);
+
+    // A 1200-piece Rread of 250,000 bytes, 256 bytes per descriptor.
+    let mut tread = Vec::new();
+    Tmessage::Read {
+        fid: 0,
+        offset: 7,
+        count: 250_000,
+    }
+    .encode(6, &mut tread)
+    .unwrap();
+    let (req, resp) = h.slot();
+    h.mem.write_slice(&tread, GuestAddress(req)).unwrap();
+    let mut descs = vec![(req, tread.len() as u32, R), (resp, 11, W)];
+    descs.extend((0..1200u64).map(|i| (resp + 0x1000 + i * 512, 256, W)));
+    h.add_indirect(&descs);
+    h.kick();
+    let used = h.wait_used(1);
+    assert_eq!(used[0].1, 11 + 250_000);
+    let hdr = h.reply_at(resp, 11);
+    assert_eq!(u32::from_le_bytes(hdr[7..11].try_into().unwrap()), 250_000);
+    let got: Vec<u8> = (0..1200u64)
+        .flat_map(|i| h.reply_at(resp + 0x1000 + i * 512, 256))
+        .take(250_000)
+        .collect();
+    assert_eq!(got, payload[..250_000]);
+
+    // Less room than asked for: the reply carries what fits.
+    let mut tread = Vec::new();
+    Tmessage::Read {
+        fid: 0,
+        offset: 7,
+        count: 4096,
+    }
+    .encode(7, &mut tread)
+    .unwrap();
+    let (req, resp) = h.slot();
+    h.mem.write_slice(&tread, GuestAddress(req)).unwrap();
+    h.add_chain(&[(req, tread.len() as u32, R), (resp, 11 + 100, W)]);
+    h.kick();
+    let used = h.wait_used(1);
+    assert_eq!(
+        decode(&h.reply_at(resp, used[0].1)),
+        Rmessage::Read {
+            data: &payload[..100]
+        }
+    );
+
+    // A Twrite whose chain ends 100 bytes into a 10,000-byte payload: EPROTO, file untouched.
+    let big = vec![0xeeu8; 10_000];
+    let mut twrite = Vec::new();
+    Tmessage::Write {
+        fid: 0,
+        offset: 0,
+        data: &big,
+    }
+    .encode(8, &mut twrite)
+    .unwrap();
+    let (req, resp) = h.slot();
+    h.mem
+        .write_slice(&twrite[..hdr_len + 100], GuestAddress(req))
+        .unwrap();
+    h.add_chain(&[(req, hdr_len as u32 + 100, R), (resp, 64, W)]);
+    h.kick();
+    let used = h.wait_used(1);
+    assert_eq!(
+        decode(&h.reply_at(resp, used[0].1)),
+        Rmessage::Lerror {
+            ecode: libc::EPROTO as u32
+        }
+    );
+    assert_eq!(
+        std::fs::read(h.dir.path().join("scatter.bin")).unwrap(),
+        on_disk
+    );
+    assert_eq!(h.metrics().invalid_requests.load(Ordering::Relaxed), 0);
+}
+
 #[test]
 fn many_requests_complete_in_batches() {
     let mut h = Harness::new(4);

@@ -31,6 +31,7 @@ use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::direct::ChainIo;
 use super::P9Metrics;
 use crate::virtio::lock;
 
@@ -316,8 +317,9 @@ fn run_test_hook(shared: &Shared, chain: &Chain) {
     }
 }
 
-/// Run one T-message of `chain` through `server`, writing the R-message into the chain.
-/// Returns the used length: the R-message's size, or 0 for a malformed chain (counted).
+/// Run one T-message of `chain` through `server`, writing the R-message into the chain
+/// (file data of reads and writes moves directly between the file and the chain's guest
+/// buffers: [`ChainIo`]). Returns the used length: the R-message's size, or 0 for a malformed chain (counted).
 pub fn serve_chain(server: &Server, chain: &Chain, metrics: &P9Metrics) -> u32 {
     let head = chain.head_index();
     let mem = chain.memory();
@@ -340,14 +342,20 @@ pub fn serve_chain(server: &Server, chain: &Chain, metrics: &P9Metrics) -> u32 {
     if reader.available_bytes() < HEADER_LEN {
         return invalid(&"shorter than a 9P header");
     }
-    match server.handle_message(&mut reader, &mut writer) {
-        Ok(()) => {
-            let written = writer.bytes_written();
+    let mut direct = match ChainIo::new(mem, chain) {
+        Ok(d) => d,
+        Err(e) => return invalid(&e),
+    };
+    match server.handle_direct(&mut reader, &mut writer, &mut direct) {
+        Ok(len) => {
             P9Metrics::inc(&metrics.replies);
-            P9Metrics::add(&metrics.request_bytes, reader.bytes_read() as u64);
-            P9Metrics::add(&metrics.reply_bytes, written as u64);
+            P9Metrics::add(
+                &metrics.request_bytes,
+                (reader.bytes_read() + direct.written) as u64,
+            );
+            P9Metrics::add(&metrics.reply_bytes, len as u64);
             // A chain is at most 4 GiB (the descriptor iterator stops there).
-            u32::try_from(written).unwrap_or(u32::MAX)
+            u32::try_from(len).unwrap_or(u32::MAX)
         }
         Err(e) => invalid(&e),
     }
