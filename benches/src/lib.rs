@@ -19,6 +19,8 @@ pub fn dinv_params() -> String {
 /// virtio-blk disk (`/dev/vda`). Callers append their own devices.
 pub fn qemu_microvm(kernel: &Path, mem: &str, append: &str, rootfs: &Path) -> Vec<String> {
     [
+        // debug-threads: the vCPU thread is named `CPU 0/KVM` (see `thread_cpu_ns`).
+        "-name", "dinv-bench,debug-threads=on",
         "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities",
         "-m", mem, "-smp", "1", "-nodefaults", "-no-user-config",
         "-nographic", "-serial", "stdio", "-no-reboot",

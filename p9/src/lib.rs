@@ -77,6 +77,7 @@
 mod fid;
 mod ops;
 mod server;
+mod session;
 mod sys;
 pub mod wire;
 
@@ -86,6 +87,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 pub use server::Server;
+pub use session::{FidState, SessionError, SessionState};
 
 /// File data moved straight between a host file and a transport's own buffers.
 ///

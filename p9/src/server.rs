@@ -41,9 +41,9 @@ thread_local! {
 pub struct Server {
     pub(crate) read_only: bool,
     pub(crate) ownership: Ownership,
-    msize_max: u32,
+    pub(crate) msize_max: u32,
     max_fids: usize,
-    msize: AtomicU32,
+    pub(crate) msize: AtomicU32,
     pub(crate) root: Arc<OwnedFd>,
     pub(crate) root_dev: u64,
     pub(crate) root_ino: u64,

@@ -2,6 +2,9 @@
 //! the next, with a new docker disk, resumes it instead of booting, and the host `docker` CLI
 //! drives the resumed dockerd: version, an empty image list (the snapshot holds no client's
 //! work), import, and a container whose clock is the host's (the agent set it on reconnection).
+//! Both starts have a bind mount at the guest's `/data`, from a different host directory
+//! each: the resumed guest's 9P session (its fids, reopened by path) serves a container's
+//! `-v /data:/data` from the second directory, both ways.
 //! A snapshot that does not fit the configuration is not resumed.
 //!
 //! In every test run (CI). On PVM: one boot (~5 minutes), one container start (~3 minutes).
@@ -24,7 +27,13 @@ fn a_new_docker_disk_resumes_the_saved_guest() {
     // First start: boots, saves the snapshot before it announces readiness.
     let first = dir.path().join("first");
     std::fs::create_dir_all(&first).unwrap();
-    let mut dinv = start(&first, &["--snapshot", snap_arg]);
+    let share = |run: &std::path::Path| {
+        let dir = run.join("share");
+        std::fs::create_dir_all(&dir).unwrap();
+        format!("{}:/data", dir.display())
+    };
+    let mounts = share(&first);
+    let mut dinv = start(&first, &["--snapshot", snap_arg, "--mounts", &mounts]);
     assert!(!dinv.vm.lines_with("snapshot saved to").is_empty(), "{}", dinv.vm.tail());
     assert!(dinv.vm.lines_with("resuming the snapshot").is_empty(), "{}", dinv.vm.tail());
     let version = dinv.docker_ok(&["version", "--format", "{{.Server.Version}}"]);
@@ -36,7 +45,9 @@ fn a_new_docker_disk_resumes_the_saved_guest() {
     // Second start, new disk: resumes.
     let second = dir.path().join("second");
     std::fs::create_dir_all(&second).unwrap();
-    let mut dinv = start(&second, &["--snapshot", snap_arg]);
+    let mounts = share(&second);
+    std::fs::write(second.join("share/from-host.txt"), "written by the host\n").unwrap();
+    let mut dinv = start(&second, &["--snapshot", snap_arg, "--mounts", &mounts]);
     assert!(!dinv.vm.lines_with("resuming the snapshot").is_empty(), "did not resume\n{}", dinv.vm.tail());
     assert!(!dinv.vm.lines_with("resumed the snapshot").is_empty(), "{}", dinv.vm.tail());
     assert!(dinv.vm.lines_with("snapshot saved to").is_empty(), "a resumed guest must not be saved again");
@@ -44,9 +55,25 @@ fn a_new_docker_disk_resumes_the_saved_guest() {
     let images = dinv.docker_ok(&["images", "--format", "{{.Repository}}"]);
     assert!(images.trim().is_empty(), "the snapshot holds the first start's later work: {images}");
     dinv.docker_ok(&["import", tar.to_str().unwrap(), "dinv-busybox:resumed"]);
-    let out = dinv.docker_ok(&["run", "--rm", "dinv-busybox:resumed", "sh", "-c", "echo resumed-ok; date +%s"]);
+    let out = dinv.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "/data:/data",
+        "dinv-busybox:resumed",
+        "sh",
+        "-c",
+        "echo resumed-ok; cat /data/from-host.txt; echo from the guest > /data/from-guest.txt; date +%s",
+    ]);
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("resumed-ok"), "{out}");
+    assert_eq!(lines.next(), Some("written by the host"), "the bind mount after resume: {out}");
+    assert_eq!(
+        std::fs::read_to_string(second.join("share/from-guest.txt")).unwrap(),
+        "from the guest\n",
+        "the container's write through the resumed 9P session"
+    );
+    assert!(!first.join("share/from-guest.txt").exists(), "the first run's directory must not be used");
     let guest_now: u64 = lines.next().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("{out}"));
     let host_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     assert!(

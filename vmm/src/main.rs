@@ -167,7 +167,8 @@ struct DaemonArgs {
     storage_driver: Option<String>,
     /// Snapshot directory: a start with a new docker disk resumes the booted guest saved here
     /// (seconds instead of minutes) when it fits this configuration; otherwise dinv boots and
-    /// saves one here once the docker API is ready. Not used with DINV_MOUNTS.
+    /// saves one here once the docker API is ready. With DINV_MOUNTS, the guest paths must
+    /// match; the host directories may differ.
     #[arg(long, env = "DINV_SNAPSHOT", value_name = "DIR")]
     snapshot: Option<PathBuf>,
     /// Debug output: dinv log level debug, verbose guest agent, dockerd --debug.

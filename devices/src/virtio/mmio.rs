@@ -93,7 +93,14 @@ pub enum MmioError {
     /// The device refused activation.
     #[error("Device activation failed: {0}")]
     Activate(#[source] super::ActivateError),
+    /// The device's own state could not be saved or restored.
+    #[error("Device type {0}: {1}")]
+    DeviceState(u32, #[source] super::DeviceStateError),
 }
+
+/// How long [`MmioTransport::snapshot`] waits for a device to finish the requests it is
+/// serving.
+pub const SNAPSHOT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One virtqueue's configuration and ring positions, as saved in a snapshot
 /// (`virtio_queue::QueueState` with serde).
@@ -177,6 +184,8 @@ pub struct MmioSnapshot {
     pub activated: bool,
     /// Every queue, in order.
     pub queues: Vec<QueueSnapshot>,
+    /// The device's own state ([`super::VirtioDevice::save_state`]), if it keeps any.
+    pub device_state: Option<Vec<u8>>,
 }
 
 /// The virtio-mmio register window of one device.
@@ -274,12 +283,26 @@ impl MmioTransport {
         self.activated
     }
 
-    /// The registers and queues, for a snapshot (the guest must not be running).
-    pub fn snapshot(&self) -> MmioSnapshot {
-        // Separate statements: each takes the device lock.
-        let device_type = lock(&self.device).device_type();
-        let queues = self.queue_snapshots();
-        MmioSnapshot {
+    /// The registers, queues and device state, for a snapshot (the guest must not be
+    /// running). A device serving requests ([`super::DeviceStateError::Busy`]) is settled
+    /// and asked again every 5 ms for up to [`SNAPSHOT_DRAIN_TIMEOUT`].
+    pub fn snapshot(&self) -> Result<MmioSnapshot, MmioError> {
+        let deadline = std::time::Instant::now() + SNAPSHOT_DRAIN_TIMEOUT;
+        let (device_type, queues, device_state) = loop {
+            // One lock for the queues and the device state: they must agree.
+            let mut device = lock(&self.device);
+            let device_type = device.device_type();
+            device.settle();
+            match device.save_state() {
+                Ok(state) => break (device_type, self.queue_snapshots(&*device), state),
+                Err(super::DeviceStateError::Busy) if std::time::Instant::now() < deadline => {
+                    drop(device);
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => return Err(MmioError::DeviceState(device_type, e)),
+            }
+        };
+        Ok(MmioSnapshot {
             device_type,
             device_status: self.device_status,
             device_features_sel: self.device_features_sel,
@@ -291,13 +314,14 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status().load(Ordering::SeqCst),
             activated: self.activated,
             queues,
-        }
+            device_state,
+        })
     }
 
     /// The queues as the driver configured them, with the ring positions of the device's live
     /// copies while it is active.
-    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        let live = if self.activated { lock(&self.device).queue_states() } else { None };
+    fn queue_snapshots(&self, device: &(dyn super::VirtioDevice + Send)) -> Vec<QueueSnapshot> {
+        let live = if self.activated { device.queue_states() } else { None };
         match live {
             Some(states) if states.len() == self.queues.len() => states.into_iter().map(Into::into).collect(),
             _ => self.queues.iter().map(|q| q.state().into()).collect(),
@@ -341,7 +365,11 @@ impl MmioTransport {
         }
         if snap.activated {
             self.activate()?;
-            lock(&self.device).restored();
+            let mut device = lock(&self.device);
+            if let Some(state) = &snap.device_state {
+                device.restore_state(state).map_err(|e| MmioError::DeviceState(device_type, e))?;
+            }
+            device.restored();
         }
         if snap.interrupt_status != 0 {
             self.interrupt.eventfd().write(1).map_err(MmioError::Interrupt)?;

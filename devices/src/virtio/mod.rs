@@ -202,6 +202,39 @@ pub trait VirtioDevice {
     /// is as it was, the device's host-side state is new. Devices whose host side holds
     /// connections tell the driver here (virtio-vsock: a transport reset event).
     fn restored(&mut self) {}
+
+    /// Before a snapshot: publish work that finished off the event loop (the snapshot may
+    /// run on the event loop's own thread). virtio-9p returns its workers' finished requests
+    /// here. Default: nothing.
+    fn settle(&mut self) {}
+
+    /// Host-side state a snapshot must carry beyond the queues (virtio-9p: the guest's
+    /// open fids), as opaque bytes for [`VirtioDevice::restore_state`]; `Ok(None)` for
+    /// devices without any (the default). Called with the vCPUs paused, under the same
+    /// device lock as [`VirtioDevice::queue_states`].
+    fn save_state(&self) -> Result<Option<Vec<u8>>, DeviceStateError> {
+        Ok(None)
+    }
+
+    /// Take back what [`VirtioDevice::save_state`] returned, after the device was
+    /// re-activated from a snapshot.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), DeviceStateError> {
+        Err(DeviceStateError::Invalid("this device keeps no state".into()))
+    }
+}
+
+/// Why a device's own state could not be saved or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    /// Requests are being served; the state is consistent only between them. Try again.
+    #[error("requests in flight")]
+    Busy,
+    /// The state cannot be described in a snapshot.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Saved state that does not fit this device.
+    #[error("saved device state does not fit: {0}")]
+    Invalid(String),
 }
 
 /// A device shared between its transport (vCPU threads) and the event loop.

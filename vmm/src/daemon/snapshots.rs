@@ -9,10 +9,12 @@
 //! fresh random seed, and reports ready.
 //!
 //! Not used (the guest boots, and no snapshot is written) when the docker disk or the volume
-//! already exists (their contents would not match), or with `DINV_MOUNTS` (9P file handles are
-//! not saved). A snapshot that does not fit the configuration (another dinv, kernel, root
-//! filesystem, memory size, option on the kernel command line, disk size, host CPU) is
-//! replaced by the boot's own.
+//! already exists (their contents would not match). A snapshot that does not fit the
+//! configuration (another dinv, kernel, root filesystem, memory size, option on the kernel
+//! command line — which names the `DINV_MOUNTS` guest paths —, disk size, a share's
+//! writability, host CPU) is replaced by the boot's own. Bind mounts resume with the guest's
+//! 9P fids reopened by path below each share's host directory, which may be another
+//! directory than the saving run's (a new checkout): only the guest paths must match.
 
 use std::fs;
 use std::io;
@@ -42,10 +44,6 @@ pub fn plan(cfg: &DaemonConfig) -> Plan {
     let Some(dir) = &cfg.snapshot else {
         return Plan::Off;
     };
-    if !cfg.mounts.is_empty() {
-        tracing::info!("DINV_SNAPSHOT is not used with DINV_MOUNTS (9P file handles are not saved)");
-        return Plan::Off;
-    }
     let existing = std::iter::once(&cfg.docker_image)
         .chain(cfg.volume.as_ref().map(|v| &v.image))
         .find(|p| p.exists());
@@ -182,7 +180,7 @@ mod tests {
         assert_eq!(plan(&cfg), Plan::Take(dir.path().join("snap")), "another docker disk size");
         cfg.docker_size = 1 << 30;
         cfg.mounts = crate::daemon::parse_mounts(&dir.path().display().to_string()).unwrap();
-        assert_eq!(plan(&cfg), Plan::Off, "9P shares");
+        assert_eq!(plan(&cfg), Plan::Resume(dir.path().join("snap")), "9P shares: the machine spec decides");
         cfg.mounts.clear();
         fs::write(&cfg.docker_image, b"").unwrap();
         assert_eq!(plan(&cfg), Plan::Off, "the docker disk exists");

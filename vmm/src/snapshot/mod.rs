@@ -36,8 +36,9 @@ use devices::virtio::mmio::MmioSnapshot;
 
 pub use machine::{msr_indices, StateError, VcpuState, VmState};
 
-/// Version of the `state` file's layout; a snapshot of another version is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the `state` file's layout; a snapshot of another version is refused. 2: virtio
+/// transports carry their device's own state (9P sessions).
+pub const FORMAT_VERSION: u32 = 2;
 /// The state file's name.
 pub const STATE_FILE: &str = "state";
 /// The memory file's name.

@@ -235,7 +235,10 @@ impl VmBuilder {
             devices.push("net".to_string());
         }
         for share in &self.shares {
-            devices.push(format!("9p {}", share.tag));
+            // The tag is what the guest mounted; the host directory may differ between runs
+            // (fids are saved as paths below it), its writability may not.
+            let mode = if share.server.read_only { "ro" } else { "rw" };
+            devices.push(format!("9p {} {mode}", share.tag));
         }
         for index in 0..devices.len() {
             let base = layout::virtio_mmio_window(index);
@@ -405,8 +408,6 @@ pub struct Vm {
     spec: MachineSpec,
     /// Disk images in attach order, with whether each is read-only.
     disks: Vec<(PathBuf, bool)>,
-    /// 9P shares hold guest file handles a snapshot cannot carry.
-    has_shares: bool,
     serial: Arc<Mutex<SerialDevice<ConsoleWriter>>>,
     requests: Arc<Mutex<Vec<snap::Request>>>,
     mem: GuestMemoryMmap,
@@ -523,7 +524,6 @@ impl Vm {
         let mut transports = Vec::new();
         let mut virtio: Vec<(SharedDevice, Subscriber)> = Vec::new();
         let mut disks = Vec::new();
-        let has_shares = !cfg.shares.is_empty();
         for disk in cfg.disks {
             let path = disk.path.clone();
             disks.push((path.clone(), disk.read_only));
@@ -588,7 +588,6 @@ impl Vm {
             relocate_after: cfg.relocate_after,
             spec,
             disks,
-            has_shares,
             serial,
             requests: Arc::default(),
             mem,

@@ -119,9 +119,6 @@ impl Vm {
         threads: &mut Vec<JoinHandle<Option<VcpuFd>>>,
         dir: &Path,
     ) -> Result<SnapshotInfo, SnapshotError> {
-        if self.has_shares {
-            return Err(SnapshotError::Unsupported("virtio-9p shares hold guest file handles".into()));
-        }
         if dir.exists() {
             return Err(SnapshotError::Io {
                 path: dir.to_path_buf(),
@@ -150,7 +147,12 @@ impl Vm {
         let vm = self.vm.as_ref().ok_or_else(|| SnapshotError::Unsupported("no KVM VM".into()))?;
         let machine = VmState::capture(vm)?;
         let serial = lock(&self.serial).snapshot();
-        let transports = self.transports.iter().map(|t| lock(t).snapshot()).collect();
+        let transports = self
+            .transports
+            .iter()
+            .enumerate()
+            .map(|(i, t)| lock(t).snapshot().map_err(|e| SnapshotError::Device(format!("virtio device {i}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
 
         let (parent, name) = snapshot::parent_and_name(dir);
         let tmp = tempfile::Builder::new()

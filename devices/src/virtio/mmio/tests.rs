@@ -458,7 +458,7 @@ fn snapshot_restores_registers_queues_and_activation() {
     }
     wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
     t.interrupt().trigger(InterruptType::Queue(1)).unwrap();
-    let snap = t.snapshot();
+    let snap = t.snapshot().unwrap();
     assert_eq!((snap.queues[1].next_avail, snap.queues[1].next_used), (3, 3), "positions come from the device");
     assert_eq!((snap.queue_sel, snap.interrupt_status), (1, VIRTIO_MMIO_INT_VRING));
     assert_eq!(snap.device_type, FAKE_ID);
@@ -478,13 +478,13 @@ fn snapshot_restores_registers_queues_and_activation() {
     assert_eq!(d.queues_seen, vec![(8, true), (8, true)]);
     assert_eq!(d.next_avail_seen, vec![0, 3], "ring positions carried over");
     drop(d);
-    assert_eq!(fresh.snapshot(), snap, "a restored transport snapshots the same");
+    assert_eq!(fresh.snapshot().unwrap(), snap, "a restored transport snapshots the same");
 }
 
 #[test]
 fn snapshot_of_another_device_or_bad_queues_is_refused() {
     let (t, _dev, _mem) = transport(2);
-    let snap = t.snapshot();
+    let snap = t.snapshot().unwrap();
     let mut other = snap.clone();
     other.device_type = FAKE_ID + 1;
     let (mut t3, _, _) = transport(3);

@@ -23,6 +23,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_9P;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use bincode::Options;
+
 use super::worker::{Job, SharedMem, WorkerPool};
 use super::{
     validate_tag, P9Config, P9Error, P9Metrics, DEFAULT_WORKERS, MAX_WORKERS, QUEUE_SIZE,
@@ -30,8 +32,8 @@ use super::{
 };
 use crate::virtio::device_common::{notify_queue, read_config, DeviceState, ACTIVATE_TOKEN};
 use crate::virtio::{
-    feature, ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    feature, ActivateError, ActivationContext, DeviceStateError, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 const QUEUE_TOKEN: u32 = 1;
@@ -60,6 +62,8 @@ pub struct P9Device {
     runtime_evts_registered: bool,
     pool: WorkerPool,
     metrics: Arc<P9Metrics>,
+    /// Chains popped and not yet returned as used entries: a snapshot must wait for 0.
+    in_flight: usize,
 }
 
 impl P9Device {
@@ -96,6 +100,7 @@ impl P9Device {
             runtime_evts_registered: false,
             pool: WorkerPool::new(workers, metrics.clone()).map_err(P9Error::EventFd)?,
             metrics,
+            in_flight: 0,
         })
     }
 
@@ -169,6 +174,7 @@ impl P9Device {
             }
         }
         P9Metrics::add(&self.metrics.requests, jobs.len() as u64);
+        self.in_flight += jobs.len();
         self.pool.submit(jobs);
     }
 
@@ -193,6 +199,7 @@ impl P9Device {
                 P9Metrics::inc(&self.metrics.stale_completions);
                 continue;
             }
+            self.in_flight = self.in_flight.saturating_sub(1);
             if let Err(e) = queue.add_used(mem, c.head, c.len) {
                 error!(head = c.head, "virtio-9p: cannot add used entry: {e}");
                 P9Metrics::inc(&self.metrics.queue_errors);
@@ -279,6 +286,7 @@ impl VirtioDevice for P9Device {
         // Stop new work and forget the old activation's completions. The queue and
         // completion EventFds stay registered; events for an inactive device are ignored.
         self.active = None;
+        self.in_flight = 0;
         self.state.acked_features = 0;
         if !self.pool.reset(RESET_DRAIN_TIMEOUT) {
             warn!(
@@ -303,8 +311,57 @@ impl VirtioDevice for P9Device {
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.active.as_ref().map(|a| crate::virtio::states_of(&a.queues))
+        self.active
+            .as_ref()
+            .map(|a| crate::virtio::states_of(&a.queues))
     }
+
+    fn settle(&mut self) {
+        self.process_completions();
+    }
+
+    /// The 9P session (msize, fids as paths in the export) while active and idle.
+    fn save_state(&self) -> Result<Option<Vec<u8>>, DeviceStateError> {
+        if self.active.is_none() {
+            return Ok(None);
+        }
+        if self.in_flight > 0 {
+            return Err(DeviceStateError::Busy);
+        }
+        let session = self
+            .server
+            .save_session()
+            .map_err(|e| DeviceStateError::Unsupported(e.to_string()))?;
+        state_codec()
+            .serialize(&session)
+            .map(Some)
+            .map_err(|e| DeviceStateError::Unsupported(e.to_string()))
+    }
+
+    /// Reopen the saved fids in this device's (fresh) session.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceStateError> {
+        let session: p9::SessionState = state_codec()
+            .deserialize(state)
+            .map_err(|e| DeviceStateError::Invalid(e.to_string()))?;
+        let restored = self
+            .server
+            .restore_session(&session)
+            .map_err(|e| DeviceStateError::Invalid(e.to_string()))?;
+        tracing::info!(
+            tag = self.tag,
+            restored,
+            saved = session.fids.len(),
+            "virtio-9p: session restored"
+        );
+        Ok(())
+    }
+}
+
+/// The encoding of a saved 9P session: fixed-width bincode, at most 64 MiB.
+fn state_codec() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_limit(64 << 20)
 }
 
 impl MutEventSubscriber for P9Device {
