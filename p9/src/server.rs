@@ -25,7 +25,8 @@ const TWRITE_FIXED_LEN: usize = wire::TWRITE_HEADER_LEN - HEADER_LEN;
 /// Deepest directory chain checked when verifying that `..` stays inside.
 const MAX_DEPTH: usize = 4096;
 
-/// Per-thread request/response buffers (grow to msize, never shrink).
+/// Per-thread request/response buffers (grow to the largest message copied through them,
+/// never shrink; with a direct transport, file data never is).
 #[derive(Default)]
 struct Scratch {
     req: Vec<u8>,
@@ -164,14 +165,14 @@ impl Server {
                 Err(Errno(wire::WireError::SizeTooLarge(size).errno() as i32))
             }
             Some(n) => {
-                if req.len() < n {
-                    req.resize(n, 0);
-                }
                 // With a direct transport, a Twrite's payload stays where it is: read only
-                // its fixed part.
+                // its fixed part (and the buffer never grows to the payload's size).
                 let direct_write =
                     ty == wire::msg::TWRITE && n >= TWRITE_FIXED_LEN && direct.is_some();
                 let first = if direct_write { TWRITE_FIXED_LEN } else { n };
+                if req.len() < first {
+                    req.resize(first, 0);
+                }
                 match read_body(r, &mut req[..first])? {
                     Err(e) => Err(e),
                     Ok(()) => {
@@ -182,17 +183,22 @@ impl Server {
                         match served {
                             Some(reply) => reply.and_then(|m| Ok(m.encode(tag, resp).map(drop)?)),
                             // Not a well-formed Twrite, or no direct transport: decode it all.
-                            None => match read_body(r, &mut req[first..n])? {
-                                Err(e) => Err(e),
-                                Ok(()) => self.decode_and_dispatch(
-                                    ty,
-                                    tag,
-                                    &req[..n],
-                                    resp,
-                                    direct,
-                                    &mut placed,
-                                ),
-                            },
+                            None => {
+                                if req.len() < n {
+                                    req.resize(n, 0);
+                                }
+                                match read_body(r, &mut req[first..n])? {
+                                    Err(e) => Err(e),
+                                    Ok(()) => self.decode_and_dispatch(
+                                        ty,
+                                        tag,
+                                        &req[..n],
+                                        resp,
+                                        direct,
+                                        &mut placed,
+                                    ),
+                                }
+                            }
                         }
                     }
                 }
