@@ -21,7 +21,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::fid::{self, Fid, FidKind, Loc, OpenFile, PathFid};
-use crate::{sys, Server};
+use crate::{sys, Errno, Server};
 
 /// A 9P session as saved in a snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,10 +41,9 @@ pub struct FidState {
     pub uid: u32,
     /// Path components below the export root (empty: the root itself).
     pub path: Vec<Vec<u8>>,
-    /// Host open flags, if the fid was opened (`Tlopen`/`Tlcreate`).
+    /// Host open flags (access mode and status flags), if the fid was opened
+    /// (`Tlopen`/`Tlcreate`).
     pub open: Option<i32>,
-    /// Whether the open file was writable.
-    pub writable: bool,
 }
 
 /// Errors saving or restoring a session.
@@ -94,6 +93,11 @@ impl Server {
     /// The session for a snapshot. Call with no request running (the device drains first).
     pub fn save_session(&self) -> Result<SessionState, SessionError> {
         let root = fd_path(self.root.as_fd()).map_err(SessionError::Root)?;
+        // What every path inside the export starts with.
+        let mut prefix = root.clone();
+        if !prefix.ends_with(b"/") {
+            prefix.push(b'/');
+        }
         let table = self.table();
         let mut ids: Vec<u32> = table.keys().copied().collect();
         ids.sort_unstable();
@@ -108,37 +112,39 @@ impl Server {
                 return Err(unsaveable("an xattr fid"));
             };
             let path = fd_path(pf.path_fd()).map_err(|e| unsaveable(&e.to_string()))?;
-            let rel = if path == root {
+            let rel: Vec<Vec<u8>> = if path == root {
                 Vec::new()
             } else {
                 let rest = path
-                    .strip_prefix(root.as_slice())
-                    .and_then(|r| r.strip_prefix(b"/"))
+                    .strip_prefix(prefix.as_slice())
                     .ok_or_else(|| unsaveable("its file is no longer inside the export"))?;
-                if rest.ends_with(b" (deleted)")
-                    && sys::fstat(pf.path_fd()).is_ok_and(|st| st.st_nlink == 0)
-                {
-                    return Err(unsaveable("its file was deleted"));
-                }
                 rest.split(|&b| b == b'/').map(<[u8]>::to_vec).collect()
             };
-            let (open, writable) = match pf.open.get() {
+            // The path must lead back to this very inode (not so for a deleted file, whose
+            // link reads "name (deleted)", or one renamed meanwhile).
+            match self
+                .walk_path(&rel)
+                .and_then(|(fd, _)| sys::fstat(fd.as_fd()))
+            {
+                Ok(st) if st.st_dev == pf.dev && st.st_ino == pf.ino => {}
+                _ => return Err(unsaveable("its file was deleted or moved")),
+            }
+            let open = match pf.open.get() {
                 Some(o) => {
                     // SAFETY: F_GETFL on an fd we own.
                     let fl = unsafe { libc::fcntl(o.fd.as_raw_fd(), libc::F_GETFL) };
                     if fl < 0 {
                         return Err(unsaveable(&std::io::Error::last_os_error().to_string()));
                     }
-                    (Some(fl & KEPT_FLAGS), o.writable)
+                    Some(fl & KEPT_FLAGS)
                 }
-                None => (None, false),
+                None => None,
             };
             fids.push(FidState {
                 fid: id,
                 uid: f.uid,
                 path: rel,
                 open,
-                writable,
             });
         }
         Ok(SessionState {
@@ -161,45 +167,63 @@ impl Server {
         );
         let mut restored = 0;
         for saved in &state.fids {
-            match self.restore_fid(saved) {
-                Ok(f) => {
-                    self.table().insert(saved.fid, Arc::new(f));
-                    restored += 1;
-                }
+            // The same admission as a new fid: not NOFID, not twice, at most max_fids.
+            let result = self.restore_fid(saved).and_then(|f| {
+                self.insert_new(saved.fid, f)
+                    .map_err(|Errno(e)| std::io::Error::from_raw_os_error(e))
+            });
+            match result {
+                Ok(()) => restored += 1,
                 Err(e) => tracing::warn!(fid = saved.fid, "9P fid not restored: {e}"),
             }
         }
         Ok(restored)
     }
 
-    fn restore_fid(&self, saved: &FidState) -> std::io::Result<Fid> {
-        let invalid =
-            |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+    /// Walk `path` from the export root one component at a time, as `Twalk` does: the
+    /// final fd and where it was found.
+    fn walk_path(&self, path: &[Vec<u8>]) -> std::io::Result<(Arc<OwnedFd>, Option<Loc>)> {
         let mut cur: Arc<OwnedFd> = self.root.clone();
         let mut loc = None;
-        for comp in &saved.path {
+        for comp in path {
             // The same name rules as a walk: no `/`, `.`, `..`, NUL, or over-long names.
-            let name: CString = fid::name(comp).map_err(|_| invalid("bad path component"))?;
+            let name: CString =
+                fid::name(comp).map_err(|Errno(e)| std::io::Error::from_raw_os_error(e))?;
             let next = Arc::new(sys::open_path_at(cur.as_fd(), &name)?);
             loc = Some(Loc { parent: cur, name });
             cur = next;
         }
+        Ok((cur, loc))
+    }
+
+    fn restore_fid(&self, saved: &FidState) -> std::io::Result<Fid> {
+        let invalid =
+            |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+        let (cur, loc) = self.walk_path(&saved.path)?;
         let st = sys::fstat(cur.as_fd())?;
         let pf = PathFid::new(cur, &st, loc);
         if let Some(flags) = saved.open {
+            // Only what a save can hold (never O_TRUNC, O_CREAT...); writability follows from
+            // the access mode, whatever the saved flag says.
+            let flags = flags & KEPT_FLAGS;
+            let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
             let flags = match pf.fmt {
                 libc::S_IFREG => flags & !libc::O_DIRECTORY,
-                libc::S_IFDIR => libc::O_RDONLY | libc::O_DIRECTORY,
-                _ => return Err(invalid("an open fid that is not a file or directory")),
+                libc::S_IFDIR if !writable => libc::O_RDONLY | libc::O_DIRECTORY,
+                _ => {
+                    return Err(invalid(
+                        "an open fid that is not a file or a read-only directory",
+                    ))
+                }
             };
-            if self.read_only && saved.writable {
+            if self.read_only && writable {
                 return Err(invalid("a writable open fid on a read-only export"));
             }
             let fd = sys::reopen(pf.path_fd(), flags)?;
             pf.open
                 .set(OpenFile {
                     fd,
-                    writable: saved.writable,
+                    writable,
                     dir: Default::default(),
                 })
                 .map_err(|_| invalid("opened twice"))?;

@@ -197,6 +197,43 @@ fn copying_and_direct_paths_agree() {
                     .to_vec(),
             );
         }
+        // Zero-length I/O still checks the fd: reading a write-only file, writing a read-only
+        // one, reading a directory, an offset beyond i64.
+        c.walk_to(3, "f").unwrap();
+        c.lopen(3, oflags::WRONLY).unwrap();
+        c.walk_to(4, "f").unwrap();
+        c.lopen(4, oflags::RDONLY).unwrap();
+        c.walk(ROOT, 5, &[]).unwrap();
+        c.lopen(5, oflags::RDONLY).unwrap();
+        for m in [
+            Tmessage::Read {
+                fid: 3,
+                offset: 0,
+                count: 0,
+            },
+            Tmessage::Write {
+                fid: 4,
+                offset: 0,
+                data: b"",
+            },
+            Tmessage::Read {
+                fid: 5,
+                offset: 0,
+                count: 0,
+            },
+            Tmessage::Read {
+                fid: 4,
+                offset: u64::MAX,
+                count: 10,
+            },
+            Tmessage::Write {
+                fid: 3,
+                offset: u64::MAX,
+                data: b"x",
+            },
+        ] {
+            out.push(c.call(&m).buf);
+        }
         replies.push(out);
         files.push(std::fs::read(c.export().join("f")).unwrap());
     }

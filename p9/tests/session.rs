@@ -95,7 +95,7 @@ fn unsaveable_fids_refuse_the_save() {
     c.lopen(3, oflags::RDONLY).unwrap();
     std::fs::remove_file(c.export().join("gone")).unwrap();
     let e = c.srv.save_session().unwrap_err();
-    assert!(e.to_string().contains("deleted"), "{e}");
+    assert!(e.to_string().contains("deleted or moved"), "{e}");
     c.clunk(3).unwrap();
 
     // A directory moved out of the export under a live fid.
@@ -109,6 +109,7 @@ fn unsaveable_fids_refuse_the_save() {
 #[test]
 fn doctored_sessions_stay_inside_the_export() {
     let c = Client::attached();
+    std::fs::write(c.export().join("f"), b"f").unwrap();
     std::os::unix::fs::symlink(c.outside(), c.export().join("out")).unwrap();
     std::os::unix::fs::symlink("/etc", c.export().join("etc")).unwrap();
     let fid = |fid: u32, path: &[&[u8]], open: Option<i32>| FidState {
@@ -116,7 +117,6 @@ fn doctored_sessions_stay_inside_the_export() {
         uid: 0,
         path: path.iter().map(|p| p.to_vec()).collect(),
         open,
-        writable: false,
     };
     let state = SessionState {
         msize: 64 << 20, // beyond the server's maximum: clamped
@@ -130,6 +130,8 @@ fn doctored_sessions_stay_inside_the_export() {
             fid(7, &[b""], None),
             fid(8, &[b"."], None),
             fid(9, &[b"out"], Some(libc::O_RDONLY)), // the symlink itself, opened
+            fid(1, &[b"f"], None),                   // ROOT again
+            fid(p9::wire::NOFID, &[b"f"], None),
         ],
     };
     let (mut c, n) = resumed(c, &state);
@@ -140,4 +142,66 @@ fn doctored_sessions_stay_inside_the_export() {
     }
     // Restoring into a session that already has fids is refused.
     assert!(c.srv.restore_session(&state).is_err());
+}
+
+/// Open flags come back only as a save can hold them: access mode and status flags, never
+/// O_TRUNC; on a read-only export a write-open fid is not restored.
+#[test]
+fn restored_open_flags_are_what_a_save_can_hold() {
+    let c = Client::attached();
+    std::fs::write(c.export().join("f"), b"keep me").unwrap();
+    let state = SessionState {
+        msize: 8192,
+        fids: vec![
+            FidState {
+                fid: 2,
+                uid: 0,
+                path: vec![b"f".to_vec()],
+                open: Some(libc::O_RDONLY | libc::O_TRUNC),
+            },
+            FidState {
+                fid: 3,
+                uid: 0,
+                path: vec![b"f".to_vec()],
+                open: Some(libc::O_WRONLY | libc::O_TRUNC),
+            },
+        ],
+    };
+    let srv = Server::new(Config::new(c.export())).unwrap();
+    assert_eq!(srv.restore_session(&state).unwrap(), 2);
+    assert_eq!(
+        std::fs::read(c.export().join("f")).unwrap(),
+        b"keep me",
+        "O_TRUNC was applied"
+    );
+    let mut ro = Config::new(c.export());
+    ro.read_only = true;
+    let srv = Server::new(ro).unwrap();
+    assert_eq!(
+        srv.restore_session(&state).unwrap(),
+        1,
+        "the write-open fid on a read-only export"
+    );
+    let mut c = Client::from_server(srv, c.tmp);
+    assert_eq!(c.read(2, 0, 100).unwrap(), b"keep me");
+    assert_eq!(c.getattr(3).unwrap_err(), libc::EBADF);
+}
+
+/// A fid whose file was renamed inside the export after the walk is saved under its new
+/// name; a file replaced under the old name is not mistaken for it.
+#[test]
+fn saved_paths_name_the_fids_own_inode() {
+    let mut c = Client::attached();
+    std::fs::write(c.export().join("old"), b"mine").unwrap();
+    c.walk_to(2, "old").unwrap();
+    std::fs::rename(c.export().join("old"), c.export().join("new")).unwrap();
+    std::fs::write(c.export().join("old"), b"an impostor").unwrap();
+    let state = c.srv.save_session().unwrap();
+    assert_eq!(state.fids[1].path, [b"new".to_vec()]);
+    // Unlinked while another link keeps it alive: its /proc link reads "new (deleted)".
+    std::fs::hard_link(c.export().join("new"), c.export().join("other")).unwrap();
+    std::fs::remove_file(c.export().join("new")).unwrap();
+    std::fs::write(c.export().join("new (deleted)"), b"decoy").unwrap();
+    let e = c.srv.save_session().unwrap_err();
+    assert!(e.to_string().contains("deleted or moved"), "{e}");
 }

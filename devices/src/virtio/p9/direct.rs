@@ -94,8 +94,8 @@ fn iovecs(bufs: &[VolatileSlice<'_>], mut at: usize, mut len: usize) -> Vec<libc
     out
 }
 
-/// `preadv`/`pwritev` over `iov` in batches of [`IOV_MAX`], stopping at the first short
-/// transfer. An error after some progress ends the transfer short instead.
+/// `preadv`/`pwritev` over `iov` (not empty) in batches of [`IOV_MAX`], stopping at the first
+/// short transfer. An error after some progress ends the transfer short instead.
 fn transfer(
     fd: BorrowedFd<'_>,
     iov: &[libc::iovec],
@@ -110,30 +110,10 @@ fn transfer(
     let mut done = 0usize;
     for batch in iov.chunks(IOV_MAX) {
         let want: usize = batch.iter().map(|v| v.iov_len).sum();
-        let off = libc::off64_t::try_from(offset)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let n = loop {
-            // SAFETY: every iovec points into guest memory that the chain's `Arc`'d mapping
-            // keeps mapped for the duration of the call; batch.len() <= IOV_MAX fits c_int.
-            let r = unsafe {
-                op(
-                    fd.as_raw_fd(),
-                    batch.as_ptr(),
-                    batch.len() as libc::c_int,
-                    off,
-                )
-            };
-            if r >= 0 {
-                break r as usize;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if done > 0 {
-                return Ok(done);
-            }
-            return Err(e);
+        let n = match transfer_batch(fd, batch, offset, op) {
+            Ok(n) => n,
+            Err(_) if done > 0 => return Ok(done),
+            Err(e) => return Err(e),
         };
         done += n;
         offset += n as u64;
@@ -142,6 +122,62 @@ fn transfer(
         }
     }
     Ok(done)
+}
+
+/// One `preadv`/`pwritev` call (at most [`IOV_MAX`] iovecs), retried on `EINTR`.
+fn transfer_batch(
+    fd: BorrowedFd<'_>,
+    batch: &[libc::iovec],
+    offset: u64,
+    op: unsafe extern "C" fn(
+        libc::c_int,
+        *const libc::iovec,
+        libc::c_int,
+        libc::off64_t,
+    ) -> libc::ssize_t,
+) -> io::Result<usize> {
+    let off =
+        libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        // SAFETY: every iovec points into guest memory that the chain's `Arc`'d mapping keeps
+        // mapped for the duration of the call (or is empty); batch.len() <= IOV_MAX fits c_int.
+        let r = unsafe {
+            op(
+                fd.as_raw_fd(),
+                batch.as_ptr(),
+                batch.len() as libc::c_int,
+                off,
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// A zero-length `pread`/`pwrite`: nothing moves, but the fd and offset are checked exactly
+/// as the copying path's call checks them (`EBADF` for the wrong access mode, `EISDIR`,
+/// `EINVAL`), so both paths answer alike.
+fn nothing(fd: BorrowedFd<'_>, offset: u64, write: bool) -> io::Result<usize> {
+    let off =
+        libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut none = [0u8; 0];
+    // SAFETY: zero bytes are read or written.
+    let r = unsafe {
+        if write {
+            libc::pwrite64(fd.as_raw_fd(), none.as_ptr().cast(), 0, off)
+        } else {
+            libc::pread64(fd.as_raw_fd(), none.as_mut_ptr().cast(), 0, off)
+        }
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(0)
 }
 
 impl p9::DirectIo for ChainIo<'_> {
@@ -158,6 +194,9 @@ impl p9::DirectIo for ChainIo<'_> {
             // copying path would find.
             return Err(io::Error::from_raw_os_error(libc::EPROTO));
         }
+        if iov.is_empty() {
+            return nothing(fd, offset, true);
+        }
         let n = transfer(fd, &iov, offset, libc::pwritev64)?;
         self.written += n;
         Ok(n)
@@ -171,6 +210,9 @@ impl p9::DirectIo for ChainIo<'_> {
         offset: u64,
     ) -> io::Result<usize> {
         let iov = iovecs(&self.writable, at, len);
+        if iov.is_empty() {
+            return nothing(fd, offset, false);
+        }
         transfer(fd, &iov, offset, libc::preadv64)
     }
 }

@@ -593,6 +593,21 @@ fn direct_io_over_long_scatter_lists() {
         std::fs::read(h.dir.path().join("scatter.bin")).unwrap(),
         on_disk
     );
+    // Zero-length I/O still goes to the kernel, which checks the offset (as `pread` does).
+    let r = h.rpc(
+        9,
+        &Tmessage::Read {
+            fid: 0,
+            offset: u64::MAX,
+            count: 0,
+        },
+    );
+    assert_eq!(
+        decode(&r),
+        Rmessage::Lerror {
+            ecode: libc::EINVAL as u32
+        }
+    );
     assert_eq!(h.metrics().invalid_requests.load(Ordering::Relaxed), 0);
 }
 
