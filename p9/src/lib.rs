@@ -97,6 +97,8 @@ pub use session::{FidState, SessionError, SessionState};
 /// `Rread`'s data from the file into the reply with one `preadv`, never through the
 /// server's buffers. Positions are byte offsets in the whole request / reply message.
 pub trait DirectIo {
+    /// Bytes of the request the transport holds (a message may claim more than arrived).
+    fn request_len(&self) -> usize;
     /// Write request bytes `at..at + len` to `fd` at file offset `offset`. Returns the
     /// bytes written (fewer on a short write).
     fn request_to_file(

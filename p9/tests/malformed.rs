@@ -164,6 +164,30 @@ fn truncated_bodies_of_every_message() {
     still_serving(&mut c);
 }
 
+/// A Twrite whose transport holds less than its size field says is a truncated message
+/// (`EPROTO`) before anything else: also for a bad fid, and on both paths (`lerror`).
+#[test]
+fn twrite_shorter_than_its_size_field() {
+    let c = Client::attached();
+    for fid in [ROOT, 99] {
+        let mut full = Vec::new();
+        Tmessage::Write {
+            fid,
+            offset: 0,
+            data: &[7u8; 100],
+        }
+        .encode(44, &mut full)
+        .unwrap();
+        for cut in [23, 24, 60, full.len() - 1] {
+            assert_eq!(
+                lerror(&c, &full[..cut], 44),
+                libc::EPROTO,
+                "fid {fid} cut at {cut}"
+            );
+        }
+    }
+}
+
 #[test]
 fn string_length_beyond_the_buffer() {
     let mut c = Client::attached();

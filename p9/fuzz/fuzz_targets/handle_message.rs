@@ -137,6 +137,10 @@ fn file(fd: BorrowedFd<'_>) -> io::Result<std::fs::File> {
 }
 
 impl p9::DirectIo for Direct {
+    fn request_len(&self) -> usize {
+        self.request.len()
+    }
+
     fn request_to_file(&mut self, at: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> io::Result<usize> {
         let data = self
             .request

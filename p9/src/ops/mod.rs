@@ -286,6 +286,10 @@ impl Server {
         if count as usize != body_len.checked_sub(fixed.len())? {
             return None;
         }
+        if direct.request_len() < wire::TWRITE_HEADER_LEN + count as usize {
+            // Truncated: answered before anything else, as the copying path does.
+            return Some(Err(Errno(libc::EPROTO)));
+        }
         Some(self.write_with(fid, |fd| {
             direct.request_to_file(wire::TWRITE_HEADER_LEN, count as usize, fd, offset)
         }))

@@ -376,6 +376,10 @@ fn file(fd: BorrowedFd<'_>) -> std::fs::File {
 }
 
 impl p9::DirectIo for Direct {
+    fn request_len(&self) -> usize {
+        self.request.len()
+    }
+
     fn request_to_file(
         &mut self,
         at: usize,

@@ -181,6 +181,10 @@ fn nothing(fd: BorrowedFd<'_>, offset: u64, write: bool) -> io::Result<usize> {
 }
 
 impl p9::DirectIo for ChainIo<'_> {
+    fn request_len(&self) -> usize {
+        self.readable.iter().map(|vs| vs.len()).sum()
+    }
+
     fn request_to_file(
         &mut self,
         at: usize,
