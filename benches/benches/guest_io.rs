@@ -21,9 +21,9 @@
 //!
 //! Run: `scripts/bench guest_io`. `DINV_BENCH_ONLY=dinv|qemu` runs one side;
 //! `DINV_BENCH_WORK=p9|net|p9,net` selects the workloads, `DINV_BENCH_P9_MSIZE` the msizes
-//! (comma-separated); `DINV_BENCH_P9_MIB` (1024) and
-//! `DINV_BENCH_P9_FILES` (10000; the untar runs only at 10000) scale the 9P workload down for
-//! PVM hosts, where every guest-kernel instruction run with interrupts disabled is emulated.
+//! (comma-separated); `DINV_BENCH_P9_MIB` (1024) and `DINV_BENCH_P9_FILES` (10000; the untar
+//! runs at 10000, or with `DINV_BENCH_P9_UNTAR=1`) scale the 9P workload down for PVM hosts,
+//! where every guest-kernel instruction run with interrupts disabled is emulated.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -134,9 +134,10 @@ fn main() {
     };
     let msizes = std::env::var("DINV_BENCH_P9_MSIZE").unwrap_or_else(|_| MSIZES.into());
     let sizes = format!(
-        "dinv.p9_mib={} dinv.p9_files={}",
+        "dinv.p9_mib={} dinv.p9_files={} dinv.p9_untar={}",
         scale("DINV_BENCH_P9_MIB", 1024),
-        scale("DINV_BENCH_P9_FILES", 10_000)
+        scale("DINV_BENCH_P9_FILES", 10_000),
+        scale("DINV_BENCH_P9_UNTAR", 0)
     );
     let dinv_sizes = match std::env::var("DINV_BENCH_P9_MSIZE") {
         Ok(_) => format!("dinv.msize={msizes} {sizes}"),
