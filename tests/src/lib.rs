@@ -158,6 +158,16 @@ impl Running {
         }
     }
 
+    /// The first line containing `needle`, whether it was already read or is still to come
+    /// (stdout and stderr are read by separate threads, so a line the program wrote to one
+    /// stream before a line on the other may arrive after it). Panics like `wait_for`.
+    pub fn seen_or_wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.lines_with(needle).first() {
+            Some(line) => line.to_string(),
+            None => self.wait_for(needle, timeout),
+        }
+    }
+
     /// Waits for the process to exit (draining output); panics on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;

@@ -34,7 +34,8 @@ fn a_new_docker_disk_resumes_the_saved_guest() {
     };
     let mounts = share(&first);
     let mut dinv = start(&first, &["--snapshot", snap_arg, "--mounts", &mounts]);
-    assert!(!dinv.vm.lines_with("snapshot saved to").is_empty(), "{}", dinv.vm.tail());
+    // Logged (stderr) before readiness is printed (stdout); the streams are read apart.
+    dinv.vm.seen_or_wait_for("snapshot saved to", Duration::from_secs(60));
     assert!(dinv.vm.lines_with("resuming the snapshot").is_empty(), "{}", dinv.vm.tail());
     let version = dinv.docker_ok(&["version", "--format", "{{.Server.Version}}"]);
     // Work done after readiness is not in the snapshot.
@@ -48,8 +49,8 @@ fn a_new_docker_disk_resumes_the_saved_guest() {
     let mounts = share(&second);
     std::fs::write(second.join("share/from-host.txt"), "written by the host\n").unwrap();
     let mut dinv = start(&second, &["--snapshot", snap_arg, "--mounts", &mounts]);
-    assert!(!dinv.vm.lines_with("resuming the snapshot").is_empty(), "did not resume\n{}", dinv.vm.tail());
-    assert!(!dinv.vm.lines_with("resumed the snapshot").is_empty(), "{}", dinv.vm.tail());
+    dinv.vm.seen_or_wait_for("resuming the snapshot", Duration::from_secs(60));
+    dinv.vm.seen_or_wait_for("resumed the snapshot", Duration::from_secs(60));
     assert!(dinv.vm.lines_with("snapshot saved to").is_empty(), "a resumed guest must not be saved again");
     assert_eq!(dinv.docker_ok(&["version", "--format", "{{.Server.Version}}"]), version);
     let images = dinv.docker_ok(&["images", "--format", "{{.Repository}}"]);
