@@ -14,7 +14,7 @@
 //! export. POSIX locks the guest held are not re-taken.
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -65,19 +65,6 @@ pub enum SessionError {
     Root(std::io::Error),
 }
 
-/// The host path of the inode behind `fd`.
-fn fd_path(fd: BorrowedFd<'_>) -> std::io::Result<Vec<u8>> {
-    let link = sys::proc_path(fd);
-    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: `link` is NUL-terminated and `buf` is writable for its length.
-    let n = unsafe { libc::readlink(link.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
-}
-
 /// Open flags worth restoring: access mode and the status flags a reopen can carry.
 const KEPT_FLAGS: i32 = libc::O_ACCMODE
     | libc::O_APPEND
@@ -92,7 +79,7 @@ const KEPT_FLAGS: i32 = libc::O_ACCMODE
 impl Server {
     /// The session for a snapshot. Call with no request running (the device drains first).
     pub fn save_session(&self) -> Result<SessionState, SessionError> {
-        let root = fd_path(self.root.as_fd()).map_err(SessionError::Root)?;
+        let root = sys::fd_path(self.root.as_fd()).map_err(SessionError::Root)?;
         // What every path inside the export starts with.
         let mut prefix = root.clone();
         if !prefix.ends_with(b"/") {
@@ -111,7 +98,7 @@ impl Server {
             let FidKind::Path(pf) = &f.kind else {
                 return Err(unsaveable("an xattr fid"));
             };
-            let path = fd_path(pf.path_fd()).map_err(|e| unsaveable(&e.to_string()))?;
+            let path = sys::fd_path(pf.path_fd()).map_err(|e| unsaveable(&e.to_string()))?;
             let rel: Vec<Vec<u8>> = if path == root {
                 Vec::new()
             } else {

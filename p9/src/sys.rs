@@ -178,15 +178,19 @@ pub(crate) fn linkat(
 
 /// `readlinkat(fd, "")` on an `O_PATH` symlink fd.
 pub(crate) fn readlink(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    readlinkat(fd.as_raw_fd(), EMPTY)
+}
+
+/// The host path of the inode behind `fd` (its `/proc/self/fd` link).
+pub(crate) fn fd_path(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    readlinkat(libc::AT_FDCWD, &proc_path(fd))
+}
+
+fn readlinkat(dir: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: `buf` is writable for its length.
+    // SAFETY: `name` is NUL-terminated and `buf` is writable for its length.
     let n = cvt_size(unsafe {
-        libc::readlinkat(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
+        libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
     })?;
     buf.truncate(n);
     Ok(buf)
